@@ -1,0 +1,96 @@
+"""Docs without Quarto: process the notebooks as `nbdev_docs` would, and make README.md from nbs/index.ipynb.
+
+Quarto cannot be installed on the course's build machines, so `nbdev_readme` and `nbdev_docs` cannot run
+there. This script uses nbdev's own notebook processing (`nbdev.quarto.proc_nbs`, the step before Quarto
+renders) and turns the processed index notebook into Markdown with nbconvert.
+
+    python tools/docs.py                 # process notebooks, write README.md
+    python tools/docs.py --check-readme  # process notebooks, fail if README.md differs
+    python tools/docs.py --html          # also render every processed notebook to _docs_html/*.html
+    python tools/docs.py --only 01_data  # process one notebook only (to _proc/), no README
+"""
+import argparse, json, sys, difflib
+from pathlib import Path
+
+from nbdev.config import get_config
+from nbdev.quarto import proc_nbs
+
+
+def _frontmatter(src: str) -> dict:
+    "Parse the `---` YAML-ish block nbdev puts in a raw cell: title and description."
+    out = {}
+    for line in src.strip().strip('-').splitlines():
+        if ':' in line:
+            k, v = line.split(':', 1)
+            out[k.strip()] = v.strip().strip("'\"")
+    return out
+
+
+def readme_from(nb_path: Path) -> str:
+    "Markdown for README.md from a processed notebook: title, description, prose, code and text outputs."
+    nb = json.loads(nb_path.read_text())
+    parts = []
+    for cell in nb['cells']:
+        src = ''.join(cell['source']).rstrip()
+        if cell['cell_type'] == 'raw' and src.startswith('---'):
+            fm = _frontmatter(src)
+            if 'title' in fm: parts.append(f"# {fm['title']}")
+            if 'description' in fm: parts.append(f"> {fm['description']}")
+        elif cell['cell_type'] == 'markdown':
+            if src: parts.append(src)
+        elif cell['cell_type'] == 'code':
+            if src: parts.append(f"```python\n{src}\n```")
+            for o in cell.get('outputs', []):
+                text = o.get('text') or o.get('data', {}).get('text/markdown') or o.get('data', {}).get('text/plain')
+                if text: parts.append("```\n" + ''.join(text).rstrip() + "\n```")
+    return '\n\n'.join(parts) + '\n'
+
+
+def render_html(proc: Path, out: Path, only=None):
+    "Render every processed notebook to HTML with nbconvert, for a look in a browser."
+    from nbconvert import HTMLExporter
+    import nbformat
+    out.mkdir(exist_ok=True)
+    exp = HTMLExporter()
+    for nb in sorted(proc.glob(f"{only or '*'}.ipynb")):
+        body, _ = exp.from_notebook_node(nbformat.read(nb, as_version=4))
+        (out / (nb.stem + '.html')).write_text(body)
+        print('wrote', out / (nb.stem + '.html'))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--check-readme', action='store_true', help='fail if README.md differs from nbs/index.ipynb')
+    p.add_argument('--html', action='store_true', help='render processed notebooks to _docs_html/')
+    p.add_argument('--only', help='process only this notebook (name without .ipynb) and stop')
+    args = p.parse_args()
+    cfg = get_config()
+    if args.only:
+        import os
+        from nbdev.serve_drv import exec_nb
+        from nbdev.processors import FilterDefaults
+        src = cfg.nbs_path / f"{args.only}.ipynb"
+        dst = cfg.config_path / '_proc' / src.name
+        dst.parent.mkdir(exist_ok=True)
+        os.environ['IN_TEST'] = '1'
+        exec_nb(src, dst, FilterDefaults)
+        print('processed', src, '->', dst)
+        if args.html: render_html(dst.parent, cfg.config_path / '_docs_html', only=dst.stem)
+        return
+    proc = Path(proc_nbs(cfg.nbs_path, n_workers=0, force=True))
+    print(f"processed {len(list(proc.glob('*.ipynb')))} notebooks into {proc}")
+    readme = readme_from(proc / cfg.readme_nb)
+    target = cfg.config_path / 'README.md'
+    if args.check_readme:
+        old = target.read_text() if target.exists() else ''
+        if old != readme:
+            sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), readme.splitlines(True), 'README.md', 'from nbs/index.ipynb', n=1))
+            sys.exit("FAIL: README.md differs from nbs/index.ipynb: run `python tools/docs.py` and commit README.md")
+        print('README.md matches nbs/index.ipynb')
+    else:
+        target.write_text(readme)
+        print('wrote', target)
+    if args.html: render_html(proc, cfg.config_path / '_docs_html')
+
+
+if __name__ == '__main__': main()
