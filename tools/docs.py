@@ -41,6 +41,7 @@ def readme_from(nb_path: Path) -> str:
         elif cell['cell_type'] == 'code':
             if src: parts.append(f"```python\n{src}\n```")
             for o in cell.get('outputs', []):
+                if any(k.startswith('image/') for k in o.get('data', {})): continue  # figures live in the docs site
                 text = o.get('text') or o.get('data', {}).get('text/markdown') or o.get('data', {}).get('text/plain')
                 if text: parts.append("```\n" + ''.join(text).rstrip() + "\n```")
     return '\n\n'.join(parts) + '\n'
