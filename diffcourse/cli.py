@@ -30,6 +30,18 @@ def _choice(name, v, options):
     if v not in options: raise ValueError(f"{name} must be one of {', '.join(options)}; got {v!r}")
     return v
 
+def _count(name, v, none_ok=False):
+    "`v` if it is a positive int (or None when `none_ok`), else a ValueError naming `name`."
+    if v is None and none_ok: return v
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be a positive int{' or None' if none_ok else ''}; got {v!r}")
+    return v
+
+def _positive(name, v, none_ok=False):
+    "`v` if it is a positive finite number (or None when `none_ok`), else a ValueError naming `name`."
+    if v is None and none_ok: return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf: raise ValueError(f"{name} must be a positive number{' or None' if none_ok else ''}; got {v!r}")
+    return v
+
 def model_spec(model:str='resattn', # one of `MODELS`
                in_channels:int=1, # image channels
                channels:str|tuple|None=None, # widths per level: '32,64,128' or a tuple; None: the class's default
@@ -212,9 +224,13 @@ def train(model:str='resattn', # the UNet: one of `MODELS` (conv, res, resattn)
     _choice('model', model, tuple(MODELS)); _choice('dataset', dataset, DATASETS)
     _choice('schedule', schedule, ('linear', 'cosine', 'sigmoid'))
     if (steps is None) == (minutes is None): raise ValueError(f"give exactly one of steps and minutes; got steps={steps!r}, minutes={minutes!r}")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1): raise ValueError(f"steps must be a positive int; got {steps!r}")
-    if minutes is not None and not minutes > 0: raise ValueError(f"minutes must be positive; got {minutes!r}")
-    out = _writable_dir(out)
+    _count('steps', steps, none_ok=True); _positive('minutes', minutes, none_ok=True); _positive('lr', lr)
+    for k in ('batch_size', 'T', 'n_samples', 'sample_steps'): _count(k, args[k])
+    for k in ('ckpt_every', 'size', 'n_data', 'threads'): _count(k, args[k], none_ok=True)
+    _positive('ckpt_minutes', ckpt_minutes, none_ok=True)
+    if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= ema < 1: raise ValueError(f"ema must be a number in [0, 1), the EMA's largest decay; got {ema!r}")
+    if sample_steps > T: raise ValueError(f"sample_steps must be at most T={T}; got {sample_steps}")
+    out = _writable_dir(out)                         # all checked before anything is written or loaded
     if threads: torch.set_num_threads(threads)
     dev = default_device(device)
     data = load_images(dataset, n=n_data, size=size)
@@ -271,6 +287,7 @@ def sample(ckpt:str, # a run folder, a checkpoint folder, or a shipped model's n
           ) -> Path:
     "Draw `n` samples by ancestral DDPM from a checkpoint or a shipped model and save them as a PNG grid."
     if not ckpt: raise ValueError("ckpt is required: a run folder, a checkpoint folder or a shipped model's name (--ckpt PATH)")
+    _count('n', n); _count('steps', steps, none_ok=True); _count('nrow', nrow, none_ok=True); _count('threads', threads, none_ok=True)
     out = _writable_file(out)
     if threads: torch.set_num_threads(threads)
     if isinstance(ckpt, str) and not Path(ckpt).exists() and ckpt in available():

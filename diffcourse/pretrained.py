@@ -15,12 +15,13 @@ from .schedules import NoiseSchedule
 from .ddpm import ddpm_step
 
 # %% auto #0
-__all__ = ['WEIGHTS_DIR', 'CARD_FORMAT', 'build_model', 'build_schedule', 'schedule_spec', 'save_pretrained', 'available',
-           'Pretrained', 'load', 'ddpm_timesteps', 'generate']
+__all__ = ['WEIGHTS_DIR', 'CARD_FORMAT', 'CARD_VERSION', 'build_model', 'build_schedule', 'schedule_spec', 'save_pretrained',
+           'available', 'Pretrained', 'load', 'ddpm_timesteps', 'generate']
 
 # %% ../nbs/15_pretrained.ipynb #429eccdd
 WEIGHTS_DIR = Path(importlib.util.find_spec('diffcourse').origin).parent/'weights'   # where the shipped weights live
 CARD_FORMAT = 'diffcourse.pretrained'
+CARD_VERSION = 1   # bumped when a card changes in a way older code can't read; cards without one are version 1
 
 def build_model(spec:dict, # {'module': 'diffcourse.unet', 'class': 'ResAttnUNet', 'kwargs': {...}}
                ) -> nn.Module:
@@ -69,8 +70,18 @@ def _check_name(name):
         raise ValueError(f"name must be letters, digits, '-', '_' or '.' (e.g. 'fmnist-ddpm'); got {name!r}")
     return name
 
+def _fit_report(own:dict, # the state dict of the model to load into
+                sd:dict, # the tensors to load
+               ) -> str:
+    "'' when `sd` fits `own` exactly; else which keys are missing, unexpected or of another shape."
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    shapes = [f'{k} {tuple(sd[k].shape)} in the file, {tuple(own[k].shape)} in the model' for k in own if k in sd and sd[k].shape != own[k].shape]
+    def few(xs): return ', '.join(xs[:5]) + (f' (and {len(xs) - 5} more)' if len(xs) > 5 else '')
+    return '; '.join(f'{what} {len(xs)}: {few(xs)}' for what, xs in
+                     (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)) if xs)
+
 def save_pretrained(model:nn.Module, # the model to ship (pass the EMA model)
-                    card:dict, # must hold 'model' (see `build_model`) and 'schedule' (see `build_schedule`); anything else is kept
+                    card:dict, # must hold 'model' (see `build_model`) and 'schedule' (see `build_schedule`), unless 'kind' is 'classifier'; anything else is kept
                     name:str, # file name without extension, e.g. 'fmnist-ddpm'
                     folder:str|Path|None=None, # where to write; default the package's `WEIGHTS_DIR`
                     dtype:torch.dtype=torch.float16, # dtype of the stored floating-point tensors
@@ -79,9 +90,9 @@ def save_pretrained(model:nn.Module, # the model to ship (pass the EMA model)
     "Write `name.safetensors` (weights in `dtype`) and `name.json` (the card) into `folder`; returns the weights' path."
     from safetensors.torch import save
     _check_name(name)
-    for k in ('model', 'schedule'):
+    for k in ('model',) if card.get('kind') == 'classifier' else ('model', 'schedule'):   # a classifier has no schedule
         if k not in card: raise ValueError(f"card must hold {k!r}; got keys {sorted(card)}")
-    build_schedule(card['schedule'])
+    if 'schedule' in card: build_schedule(card['schedule'])
     folder = Path(WEIGHTS_DIR if folder is None else folder)
     folder.mkdir(parents=True, exist_ok=True)
     if not os.access(folder, os.W_OK): raise PermissionError(f"cannot write to {folder}")
@@ -90,7 +101,10 @@ def save_pretrained(model:nn.Module, # the model to ship (pass the EMA model)
     data = save(sd, metadata={'format': CARD_FORMAT, 'name': name})
     if max_mb is not None and len(data) > max_mb * 2**20:
         raise ValueError(f"the weights take {len(data)/2**20:.1f} MB, more than max_mb={max_mb}; use a smaller model or raise max_mb")
-    card = {'format': CARD_FORMAT, 'name': name, **{k: v for k, v in card.items() if k not in ('format', 'name')},
+    try: why = _fit_report(build_model(card['model']).state_dict(), sd)          # the card must rebuild this very model
+    except TypeError as e: raise ValueError(f"card['model'] cannot be built: {e}") from e
+    if why: raise ValueError(f"card['model'] does not describe this {type(model).__name__}: {why}")
+    card = {'format': CARD_FORMAT, 'version': CARD_VERSION, 'name': name, **{k: v for k, v in card.items() if k not in ('format', 'version', 'name')},
             'dtype': str(dtype).replace('torch.', ''), 'n_params': sum(v.numel() for v in sd.values()),
             'size_bytes': len(data), 'sha256': hashlib.sha256(data).hexdigest()}
     _write_atomic(folder/f'{name}.safetensors', data)
@@ -107,10 +121,10 @@ def available(folder:str|Path|None=None, # default the package's `WEIGHTS_DIR`
 
 @dataclass
 class Pretrained:
-    "A shipped model: the network (`model`, eval mode), the `schedule` it was trained with and its `card`."
+    "A shipped model: the network (`model`, eval mode), the `schedule` it was trained with (None for a classifier) and its `card`."
     name: str
     model: nn.Module
-    schedule: NoiseSchedule
+    schedule: NoiseSchedule|None
     card: dict
 
     def __repr__(self):
@@ -128,7 +142,22 @@ class Pretrained:
                **kwargs, # passed on to `generate`
               ) -> torch.Tensor:
         "`n` images (n, C, H, W) in about [-1, 1], by ancestral DDPM sampling."
+        if self.schedule is None: raise ValueError(f"{self.name!r} has no noise schedule: it is not a diffusion model and cannot sample")
         return generate(self.model, self.schedule, n, self.image_shape, steps=steps, seed=seed, **kwargs)
+
+def _read_card(f:Path) -> dict:
+    "The model card in `f`, checked: JSON, this package's format, a version this code reads, a model entry."
+    try: card = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"{f} is damaged, not valid JSON ({e}); it was left as it is") from e
+    if not isinstance(card, dict) or card.get('format') != CARD_FORMAT:
+        got = card.get('format') if isinstance(card, dict) else type(card).__name__
+        raise ValueError(f"{f} is not a diffcourse model card: format {got!r}, expected {CARD_FORMAT!r}")
+    v = card.get('version', 1)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{f} has an invalid format version {v!r}; expected an int from 1 to {CARD_VERSION}")
+    if v > CARD_VERSION: raise ValueError(f"{f} has format version {v}, newer than this diffcourse reads ({CARD_VERSION}); upgrade diffcourse to load it")
+    if not isinstance(card.get('model'), dict): raise ValueError(f"{f} has no 'model' entry saying which model to build")
+    return card
 
 def load(name:str, # one of `available()`, e.g. 'fmnist-ddpm'
          device:str|torch.device='cpu', # where to put the model
@@ -136,22 +165,25 @@ def load(name:str, # one of `available()`, e.g. 'fmnist-ddpm'
          folder:str|Path|None=None, # default the package's `WEIGHTS_DIR`
          check:bool=True, # verify the weights' SHA-256 against the card
         ) -> Pretrained:
-    "Load a shipped model by name: safetensors and JSON only, no network, no pickle."
+    "Load a shipped model by name: safetensors and JSON only, no network, no pickle; a damaged or mismatched file raises a ValueError and is left as it is."
+    from safetensors import SafetensorError
     from safetensors.torch import load as st_load
     folder = Path(WEIGHTS_DIR if folder is None else folder)
     names = available(folder)
     if not isinstance(name, str) or name not in names:
         raise ValueError(f"no pretrained model named {name!r}; available: {', '.join(names) if names else 'none'} (in {folder})")
-    card = json.loads((folder/f'{name}.json').read_text())
+    card = _read_card(folder/f'{name}.json')
     data = (folder/f'{name}.safetensors').read_bytes()
     if check and card.get('sha256') and hashlib.sha256(data).hexdigest() != card['sha256']:
         raise ValueError(f"{name}.safetensors does not match the SHA-256 in its card: the file is damaged or was replaced")
-    model = build_model(card['model'])
-    sd = st_load(data)
-    missing, unexpected = model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{name}.safetensors does not fit {card['model']['class']}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return Pretrained(name, model.to(device=device, dtype=dtype).eval().requires_grad_(False), build_schedule(card['schedule']), card)
+    try: model = build_model(card['model'])
+    except TypeError as e: raise ValueError(f"{name}.json: its 'model' entry cannot be built: {e}") from e
+    try: sd = st_load(data)
+    except SafetensorError as e: raise ValueError(f"{name}.safetensors is damaged or incomplete, not a readable safetensors file ({e}); it was left as it is") from e
+    why = _fit_report(model.state_dict(), sd)
+    if why: raise ValueError(f"{name}.safetensors does not fit the {card['model'].get('class')} its card describes: {why}")
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+    return Pretrained(name, model.to(device=device, dtype=dtype).eval().requires_grad_(False), build_schedule(card['schedule']) if 'schedule' in card else None, card)
 
 # %% ../nbs/15_pretrained.ipynb #40906836
 def ddpm_timesteps(T:int, # timesteps of the schedule
