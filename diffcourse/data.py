@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #98d8463b
 from __future__ import annotations
-import os, io, sys, gzip, hashlib, pickle, tarfile, tempfile, warnings, functools, importlib.util
+import os, sys, gzip, hashlib, tarfile, tempfile, warnings, functools, importlib.util
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,8 +115,8 @@ RESOURCES = {
         'train-labels-idx1-ubyte': ('d53e105ee54ea40749a09fcbcd1e9432', None),
         't10k-images-idx3-ubyte':  ('9fb629c4189551a2d022fa330f9573f3', None),
         't10k-labels-idx1-ubyte':  ('ec29112dd5afa0611ce80d1b7f02629c', None)}),
-    'cifar-10': {'archive': Remote('cifar-10-python.tar.gz', ('https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz',),
-                                   'c58f30108f718f92721af3b95e74349a')},
+    'cifar-10': {'archive': Remote('cifar-10-binary.tar.gz', ('https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz',),
+                                   'c32a1d4ab5d03f1284b67883e8d87530')},
 }
 "Every downloadable file, by dataset: name, mirrors and checksums."
 
@@ -392,61 +392,64 @@ def load_emoji(size:int=32, # height and width to shrink the 72x72 emoji to
 
 # %% ../nbs/01_data.ipynb #158261ff
 CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
-_CIFAR_BATCHES = {'data_batch_1': 'c99cafc152244af753f735de768cd75f', 'data_batch_2': 'd4bba439e000b95fd0a9bffe97cbabec',
-                  'data_batch_3': '54ebc095f3ab1f0389bbae665268c751', 'data_batch_4': '634d18415352ddfa80567beed471001a',
-                  'data_batch_5': '482c414d41f54cd18b22e5b47cb7c3cb', 'test_batch': '40351d587109b95175f43aff81a1287e'}
+_CIFAR_DIR, _CIFAR_META = 'cifar-10-batches-bin', 'batches.meta.txt'
+_CIFAR_SHA256 = 'c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd'   # of cifar-10-binary.tar.gz (170,052,171 bytes)
+_CIFAR_RECORDS = 10_000            # records in each batch file
+_CIFAR_RECORD = 1 + 3 * 32 * 32    # bytes in a record: the label, then the red, green and blue planes
 
-class _ArrayUnpickler(pickle.Unpickler):
-    "Unpickles dicts, lists and NumPy arrays only."
-    _ok = {('numpy', 'ndarray'), ('numpy', 'dtype'), ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
-           ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'), ('_codecs', 'encode')}
-    def find_class(self, module, name):
-        if (module, name) not in self._ok: raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
-        if module == '_codecs': import _codecs; return _codecs.encode
-        if module == 'numpy': return getattr(np, name)
-        mod = getattr(np, '_core', None) or np.core
-        return getattr(mod.multiarray, name)
+def _read_cifar_bin(raw:bytes, name:str, records:int|None=None):
+    "Pixels (N, 3, 32, 32) uint8 and labels (N,) of one batch file of the binary version; ValueError if it is cut short or is not one."
+    records = _CIFAR_RECORDS if records is None else records
+    if len(raw) != records * _CIFAR_RECORD:
+        raise ValueError(f"{name} has {len(raw):,} bytes, not the {records * _CIFAR_RECORD:,} of {records:,} records of "
+                         f"{_CIFAR_RECORD:,} bytes: truncated, or not a CIFAR-10 batch")
+    a = np.frombuffer(raw, np.uint8).reshape(-1, _CIFAR_RECORD)
+    y = a[:, 0].astype(np.int64)
+    if y.max() >= len(CIFAR10_CLASSES): raise ValueError(f"{name} has a label {y.max()}; CIFAR-10's labels are 0..9")
+    return a[:, 1:].reshape(-1, 3, 32, 32), y
 
-def _read_cifar_batch(raw:bytes):
-    d = _ArrayUnpickler(io.BytesIO(raw), encoding='latin1').load()
-    get = lambda k: d[k] if k in d else d[k.encode()]
-    x = np.asarray(get('data'), np.uint8).reshape(-1, 3, 32, 32)
-    y = np.asarray(get('labels'), np.int64)
-    if len(x) != len(y): raise ValueError(f"CIFAR batch has {len(x)} images but {len(y)} labels")
-    return x, y
+def _check_cifar_meta(raw:bytes, name:str):
+    "The class list must name CIFAR-10's ten classes in order (blank lines aside)."
+    names = [s.strip() for s in raw.decode('latin-1').splitlines() if s.strip()]
+    if names != CIFAR10_CLASSES: raise ValueError(f"{name} lists the classes {names}, not CIFAR-10's {CIFAR10_CLASSES}")
 
 def _cifar_from_tar(path:Path, want:list) -> dict:
-    "Verified batches from the archive (raises ChecksumError on a bad one)."
+    "Verified batches from the archive: its checksums, then only the expected members, read as regular files (nothing is extracted)."
     r = RESOURCES['cifar-10']['archive']
-    if r.md5 is not None and _hash_file(path) != r.md5: raise ChecksumError(f"{path}: MD5 does not match the published {r.name}")
-    out = {}
+    for algo, good in (('md5', r.md5), ('sha256', _CIFAR_SHA256)):
+        if good is not None and _hash_file(path, algo) != good: raise ChecksumError(f"{path}: {algo.upper()} does not match the published {r.name}")
+    wanted = {f'{_CIFAR_DIR}/{b}': b for b in want + [_CIFAR_META]}
+    out, seen = {}, set()
     try:
         with tarfile.open(path, 'r:gz') as tar:
-            for m in tar.getmembers():
-                base = m.name.rsplit('/', 1)[-1]
-                if base in want and m.isfile(): out[base] = _read_cifar_batch(tar.extractfile(m).read())
+            for m in tar:                                # one pass; members we do not want are skipped unread
+                b = wanted.get(m.name.removeprefix('./'))
+                if b is None: continue
+                if not m.isfile() or b in seen: raise ChecksumError(f"{path}: {m.name} is not one regular file")
+                seen.add(b); raw = tar.extractfile(m).read()
+                if b == _CIFAR_META: _check_cifar_meta(raw, f"{path}: {m.name}")
+                else: out[b] = _read_cifar_bin(raw, f"{path}: {m.name}")
+    except ChecksumError: raise
     except (tarfile.TarError, OSError, EOFError) as e: raise ChecksumError(f"{path}: not a complete tar.gz archive ({e})") from e
-    if set(out) != set(want): raise ChecksumError(f"{path}: missing {sorted(set(want) - set(out))}")
+    if set(out) != set(want): raise ChecksumError(f"{path}: missing {[f'{_CIFAR_DIR}/{b}' for b in want if b not in out]}")
     return out
 
 def _cifar_from_dir(d:Path, want:list) -> dict|None:
-    for sub in (d / 'cifar-10-batches-py', d):
+    "Batches from an unpacked copy (the `cifar-10-batches-bin` folder or the folder above it); None when `d` holds none."
+    for sub in (d / _CIFAR_DIR, d):
         if all((sub / b).is_file() for b in want):
-            out = {}
-            for b in want:
-                if _hash_file(sub / b) != _CIFAR_BATCHES[b]: raise ChecksumError(f"{sub / b}: MD5 does not match the published one")
-                out[b] = _read_cifar_batch((sub / b).read_bytes())
-            return out
+            if (sub / _CIFAR_META).is_file(): _check_cifar_meta((sub / _CIFAR_META).read_bytes(), str(sub / _CIFAR_META))
+            return {b: _read_cifar_bin((sub / b).read_bytes(), str(sub / b)) for b in want}
     return None
 
 def load_cifar10(split:str='train', # 'train' (50,000 images) or 'test' (10,000)
                  path:str|Path|None=None, # the .tar.gz, a folder holding it, or the unpacked folder
-                 download:bool=True, # download (163 MB) into the cache when no copy is found
+                 download:bool=True, # download (162 MB) into the cache when no copy is found
                  n:int|None=None, # keep a fixed random subset of this many
                 ) -> ImageData:
     "CIFAR-10 as (N, 3, 32, 32) float32 images in [-1, 1], labels 0..9 (`CIFAR10_CLASSES`)."
     _check_split(split); _check_n(n)
-    want = [f'data_batch_{i}' for i in range(1, 6)] if split == 'train' else ['test_batch']
+    want = [f'data_batch_{i}.bin' for i in range(1, 6)] if split == 'train' else ['test_batch.bin']
     r = RESOURCES['cifar-10']['archive']
     if path is not None and Path(path).expanduser().is_dir(): batches = _cifar_from_dir(Path(path).expanduser(), want)
     else: batches = None
@@ -454,7 +457,7 @@ def load_cifar10(split:str='train', # 'train' (50,000 images) or 'test' (10,000)
         env = os.environ.get('DIFFCOURSE_DATA')
         for d in ([Path(env).expanduser() / 'cifar-10', Path(env).expanduser()] if env and path is None else []):
             try: batches = _cifar_from_dir(d, want)
-            except ChecksumError as e: warnings.warn(f"skipping {d}: {e}")
+            except (ChecksumError, ValueError) as e: warnings.warn(f"skipping {d}: {e}")
             if batches: break
     if batches is None:
         batches = find_file(r, 'cifar-10', path, (), download, "", check=lambda p: _cifar_from_tar(p, want))

