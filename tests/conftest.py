@@ -4,3 +4,20 @@ os.environ.setdefault('WANDB_MODE', 'offline')
 os.environ.setdefault('WANDB_SILENT', 'true')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('MPLBACKEND', 'Agg')
+
+import socket
+import pytest
+
+_LOCAL = ('127.0.0.1', '::1', 'localhost')
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    "Every test in the suite: a connection to anything but this machine fails the test (subprocesses excepted)."
+    real, real_ex = socket.socket.connect, socket.socket.connect_ex
+    def guard(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in _LOCAL:
+            raise AssertionError(f"a test tried to connect to {address}: tests must not touch the network")
+    def connect(self, address): guard(self, address); return real(self, address)
+    def connect_ex(self, address): guard(self, address); return real_ex(self, address)
+    monkeypatch.setattr(socket.socket, 'connect', connect)
+    monkeypatch.setattr(socket.socket, 'connect_ex', connect_ex)

@@ -16,3 +16,14 @@ def test_import_without_network():
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert 'imported' in r.stdout
+
+
+def test_the_suite_wide_guard_refuses_connections():
+    "tests/conftest.py guards every test: a connection off this machine fails instead of reaching the network."
+    import socket
+    import pytest
+    s = socket.socket()
+    try:
+        with pytest.raises(AssertionError, match='tests must not touch the network'): s.connect(('192.0.2.1', 80))
+        with pytest.raises(AssertionError, match='tests must not touch the network'): s.connect_ex(('192.0.2.1', 80))
+    finally: s.close()
