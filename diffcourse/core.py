@@ -12,7 +12,7 @@ import torch
 
 # %% auto #0
 __all__ = ['is_quick', 'pick', 'default_device', 'seed_everything', 'to_unit', 'make_grid', 'show_images', 'fig_to_array',
-           'Animation', 'save_animation']
+           'Animation', 'save_animation', 'to_png']
 
 # %% ../nbs/00_core.ipynb #bd1df36a
 _FALSE = {'', '0', 'false', 'no', 'off'}
@@ -190,3 +190,14 @@ def save_animation(frames, # a sequence of frames: image batches, images, (H, W,
         tmp = path.with_name(path.name + '.tmp')
         tmp.write_bytes(data); os.replace(tmp, path)
     return Animation(data, path, len(imgs))
+
+# %% ../nbs/00_core.ipynb #68db4d37
+def to_png(images, # a batch (B, C, H, W) or fewer dims, a uint8 RGB array or a matplotlib figure
+           nrow:int|None=None, # images per row; None makes the grid about square
+           scale:float=3, # each pixel becomes scale x scale (nearest neighbour), so small images stay sharp
+           value_range:tuple|None=(-1., 1.), # passed to `to_unit`; values outside it are clipped
+          ) -> bytes:
+    "PNG bytes of the tiled images, e.g. the value of an `ipywidgets.Image` that shows a sampler's progress."
+    buf = io.BytesIO()
+    _frame_to_pil(images, nrow, scale, value_range).save(buf, format='PNG')
+    return buf.getvalue()

@@ -11,6 +11,14 @@ import pytest
 _LOCAL = ('127.0.0.1', '::1', 'localhost')
 
 @pytest.fixture(autouse=True)
+def one_thread():
+    "Every test: one torch thread. The models in tests are tiny, and one thread is fastest, much more so when other work shares the cores."
+    import torch
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+@pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     "Every test in the suite: a connection to anything but this machine fails the test (subprocesses excepted)."
     real, real_ex = socket.socket.connect, socket.socket.connect_ex

@@ -14,15 +14,6 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import DDPMScheduler
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "Tiny models: one torch thread is fastest, and much faster when other processes share the cores."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def dummy_model(schedule):
     "A deterministic stand-in ε-predictor for tensors of any shape: a fixed non-linear function of x_t and t."
     ac = schedule.alphas_cumprod

@@ -19,13 +19,6 @@ from diffcourse.core import seed_everything
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny models run far faster on one thread, and this machine's cores are shared."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def data(n=64, bs=8, shuffle=True, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, generator=g); y = x.sum(1, keepdim=True).sin()

@@ -10,6 +10,7 @@
 
 Covered in other files and not repeated here:
 - importing every module with sockets disabled: tests/test_offline.py
+- no test connects off this machine: the autouse guard in tests/conftest.py (tests/test_offline.py checks that it bites)
 - SIGKILL mid-run, and during the write of a checkpoint (a file of it, or `latest`), then a resume that ends bit for
   bit where the uninterrupted run ends: tests/test_learner.py (test_sigkill_mid_run_then_resume_equals_uninterrupted,
   test_kill_while_writing_a_checkpoint_keeps_the_previous, test_resume_in_process_equals_uninterrupted)
@@ -20,7 +21,7 @@ Covered in other files and not repeated here:
 - damaged or truncated downloads never cached: tests/test_data.py::test_bad_download_is_rejected_and_never_cached
 - a W&B run logs offline and connects nowhere (strace): tests/test_learner.py::test_wandb_offline_logs_keys_and_stays_off_the_network
 """
-import hashlib, json, os, pickle, re, shutil, signal, socket, subprocess, sys, gzip
+import hashlib, json, os, pickle, re, shutil, signal, subprocess, sys, gzip
 from pathlib import Path
 
 import numpy as np
@@ -46,20 +47,6 @@ from diffcourse.pretrained import save_pretrained, generate, ddpm_timesteps, WEI
 from diffcourse import cli, metrics
 
 ROOT = Path(__file__).parent.parent
-
-
-@pytest.fixture(autouse=True)
-def one_thread_and_no_network(monkeypatch):
-    "Tiny models run fastest on one thread; any connection off this machine fails the test."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    real = socket.socket.connect
-    def connect(self, address):
-        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ('127.0.0.1', '::1', 'localhost'):
-            raise AssertionError(f"a test tried to connect to {address}")
-        return real(self, address)
-    monkeypatch.setattr(socket.socket, 'connect', connect)
-    yield
-    torch.set_num_threads(n)
 
 
 def sha(p) -> str: return hashlib.sha256(Path(p).read_bytes()).hexdigest()

@@ -28,15 +28,6 @@ diffusers_logging.set_verbosity_error()   # diffusers warns when scale_model_inp
 RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "Tiny tensors: one torch thread is fastest, and much faster when other processes share the cores."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def dummy_model(x, t, **kw):
     "A deterministic, smooth stand-in ε-predictor; takes integer or fractional timesteps (B,)."
     tt = t.float().reshape(-1, *([1] * (x.ndim - 1)))
