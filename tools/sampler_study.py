@@ -10,6 +10,10 @@ each setting, so an interrupted run keeps what it finished; the first `--keep` s
 setting go to `--out`.safetensors (uint8) for the chapter's grids.
 
     python tools/sampler_study.py --n 5000 --device cuda --out nbs/results/sampler_study
+
+`--model` takes a run folder written by `diffcourse_train` or `tools/continue_training.py` (its EMA
+weights) instead of the shipped model; `--only ddpm:1000:leading dpmpp_2m:20:trailing` runs just
+those settings, in that order.
 """
 from __future__ import annotations
 import argparse, json, os, platform, sys, time
@@ -35,6 +39,37 @@ def settings(samplers, spacings, steps, ddpm_steps, second=True):
     return out
 
 
+def parse_setting(text:str):
+    "'sampler:steps:spacing' as (sampler, steps, spacing, noise_seed 0)."
+    try: s, n, sp = text.split(':'); n = int(n)
+    except ValueError: raise SystemExit(f"--only: {text!r} is not sampler:steps:spacing, e.g. dpmpp_2m:20:trailing") from None
+    if s not in SAMPLERS: raise SystemExit(f"--only: unknown sampler {s!r}; one of {', '.join(SAMPLERS)}")
+    return (s, n, sp, 0)
+
+
+def load_model(model:str, dev):
+    "(name, model, schedule) of a shipped model's name or a run folder's EMA weights."
+    if Path(model).exists():
+        from diffcourse.cli import _from_checkpoint
+        m, sched, rec, ck = _from_checkpoint(model)
+        return str(ck['path']), m.to(dev), sched
+    pre = load(model, device=dev)
+    return model, pre.model, pre.schedule
+
+
+@torch.no_grad()
+def heldout_eps_mse(model, schedule, images, batch=250, seed=1234):
+    "The DDPM objective with its randomness frozen: mean ‖ε_θ(x_t, t) - ε‖² over `images` at t = 50, 150, …, 950, one seeded ε each."
+    g, dev, total = torch.Generator().manual_seed(seed), next(model.parameters()).device, []
+    for t in range(50, 1000, 100):
+        eps = torch.randn(images.shape, generator=g)
+        for i in range(0, len(images), batch):
+            x0, e = images[i:i + batch].to(dev), eps[i:i + batch].to(dev)
+            tt = torch.full((len(x0),), t, device=dev)
+            total.append(((model(schedule.add_noise(x0, e, tt), tt) - e) ** 2).mean(dim=(1, 2, 3)).cpu())
+    return torch.cat(total).mean().item()
+
+
 def atomic_write(path: Path, write):
     tmp = path.with_name(path.name + '.tmp')
     write(tmp)
@@ -54,28 +89,42 @@ def main(argv=None):
     p.add_argument('--budget_s', type=float, default=float('inf'), help='stop starting new settings after this many seconds')
     p.add_argument('--no_second', action='store_true', help='skip the second DDPM reference set')
     p.add_argument('--keep', type=int, default=16, help='samples of each setting kept for grids')
+    p.add_argument('--model', default='fmnist-ddpm', help="a shipped model's name or a run folder (its EMA weights)")
+    p.add_argument('--only', nargs='*', help='run just these settings, as sampler:steps:spacing (none: only --heldout)')
+    p.add_argument('--variance', choices=['beta', 'posterior'], help="the variance of the 'ddpm' rows (default: sample()'s, β)")
+    p.add_argument('--threads', type=int, help='torch CPU threads')
+    p.add_argument('--heldout', type=int, default=0, help='also record the ε-MSE on this many test images (10 timesteps each)')
     p.add_argument('--out', default='nbs/results/sampler_study', help='path without extension')
     a = p.parse_args(argv)
+    if a.threads: torch.set_num_threads(a.threads)
     t_start, dev = time.perf_counter(), torch.device(a.device)
     out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
-    pre, clf = load('fmnist-ddpm', device=dev), load_classifier(dev)
+    only = [parse_setting(o) for o in a.only] if a.only is not None else None   # a bad --only fails before loading
+    name, model, schedule = load_model(a.model, dev)
+    clf = load_classifier(dev)
     test = load_fashion_mnist('test', download=False)
     ref = features(test.images, clf)
     clip = a.clip or None
     sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
-    meta = dict(model='fmnist-ddpm', n=a.n, reference='Fashion-MNIST test set', n_reference=len(ref), clip_sample=clip,
+    meta = dict(model=name, variance=a.variance, n=a.n, reference='Fashion-MNIST test set', n_reference=len(ref), clip_sample=clip,
                 device=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else platform.processor() or 'cpu',
                 torch=torch.__version__, batch=a.batch, command='python tools/sampler_study.py ' + ' '.join(argv or sys.argv[1:]))
+    if a.heldout:
+        meta.update(heldout_images=a.heldout, heldout_eps_mse=heldout_eps_mse(model, schedule, test.images[:a.heldout]))
+        print(f"held-out ε-MSE on {a.heldout:,} test images × 10 timesteps: {meta['heldout_eps_mse']:.5f}", flush=True)
     rows, kept = [], {}
     # warm-up so the first timed setting does not pay for kernel selection
-    sample(pre.model, pre.schedule, torch.randn(min(a.batch, a.n), 1, 28, 28, device=dev), sampler='ddim', steps=2)
-    for s, steps, spacing, noise_seed in settings(a.samplers, a.spacings, a.steps, a.ddpm_steps, not a.no_second):
+    sample(model, schedule, torch.randn(min(a.batch, a.n), 1, 28, 28, device=dev), sampler='ddim', steps=2)
+    todo = only if only is not None else settings(a.samplers, a.spacings, a.steps, a.ddpm_steps, not a.no_second)
+    if not todo: atomic_write(out.with_suffix('.json'), lambda t: t.write_text(json.dumps(dict(meta, rows=[]), indent=1)))
+    for s, steps, spacing, noise_seed in todo:
         if time.perf_counter() - t_start > a.budget_s: print('budget spent; stopping', flush=True); break
         x = torch.randn(a.n, 1, 28, 28, generator=torch.Generator().manual_seed(10 + noise_seed)).to(dev)
         g = torch.Generator().manual_seed(20 + noise_seed)    # CPU generator: the same draws on any device
         sync(); t0 = time.perf_counter()
-        imgs = torch.cat([sample(pre.model, pre.schedule, x[i:i + a.batch], sampler=s, steps=steps, spacing=spacing,
-                                 generator=g, clip_sample=clip) for i in range(0, a.n, a.batch)])
+        kw = dict(variance=a.variance) if s == 'ddpm' and a.variance else {}
+        imgs = torch.cat([sample(model, schedule, x[i:i + a.batch], sampler=s, steps=steps, spacing=spacing,
+                                 generator=g, clip_sample=clip, **kw) for i in range(0, a.n, a.batch)])
         sync(); sec = time.perf_counter() - t0
         imgs = imgs.clamp(-1, 1)
         f = features(imgs, clf)
