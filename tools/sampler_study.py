@@ -48,13 +48,13 @@ def parse_setting(text:str):
 
 
 def load_model(model:str, dev):
-    "(name, model, schedule) of a shipped model's name or a run folder's EMA weights."
+    "(name, model, schedule, how it was trained) of a shipped model's name or a run folder's EMA weights."
     if Path(model).exists():
         from diffcourse.cli import _from_checkpoint
         m, sched, rec, ck = _from_checkpoint(model)
-        return str(ck['path']), m.to(dev), sched
+        return str(ck['path']), m.to(dev), sched, dict(rec.get('training', {}), steps_done=ck['meta'].get('step'))
     pre = load(model, device=dev)
-    return model, pre.model, pre.schedule
+    return model, pre.model, pre.schedule, pre.card.get('training')
 
 
 @torch.no_grad()
@@ -100,13 +100,13 @@ def main(argv=None):
     t_start, dev = time.perf_counter(), torch.device(a.device)
     out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
     only = [parse_setting(o) for o in a.only] if a.only is not None else None   # a bad --only fails before loading
-    name, model, schedule = load_model(a.model, dev)
+    name, model, schedule, training = load_model(a.model, dev)
     clf = load_classifier(dev)
     test = load_fashion_mnist('test', download=False)
     ref = features(test.images, clf)
     clip = a.clip or None
     sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
-    meta = dict(model=name, variance=a.variance, n=a.n, reference='Fashion-MNIST test set', n_reference=len(ref), clip_sample=clip,
+    meta = dict(model=name, training=training, variance=a.variance, n=a.n, reference='Fashion-MNIST test set', n_reference=len(ref), clip_sample=clip,
                 device=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else platform.processor() or 'cpu',
                 torch=torch.__version__, batch=a.batch, command='python tools/sampler_study.py ' + ' '.join(argv or sys.argv[1:]))
     if a.heldout:
