@@ -10,7 +10,7 @@ on the same data, objective and schedule, and writes checkpoints that `diffcours
     python tools/continue_training.py --minutes 80 --threads 1 --out runs/fmnist-ddpm-more
 """
 from __future__ import annotations
-import argparse, json, time
+import argparse, json, shlex, sys, time
 
 import torch
 
@@ -44,7 +44,8 @@ def main(argv=None):
     dl = get_dataloader(data, batch_size=a.batch_size, shuffle=True, seed=a.seed, drop_last=True)
     record = {'model': card['model'], 'schedule': card['schedule'], 'data': card['data'],
               'training': {'continued_from': a.name, 'previous': card.get('training'), 'minutes': a.minutes,
-                           'batch_size': a.batch_size, 'lr': a.lr, 'seed': a.seed, 'ema': a.ema, 'threads': a.threads}}
+                           'batch_size': a.batch_size, 'lr': a.lr, 'seed': a.seed, 'ema': a.ema, 'threads': a.threads},
+              'command': 'python tools/continue_training.py ' + ' '.join(map(shlex.quote, argv if argv is not None else sys.argv[1:]))}
     tb = TimeBudgetCB(a.minutes, a.ckpt_minutes, a.out, keep=2, lr_by_time=True, log_every=60)
     learn = Learner(net, dl, DiffusionLoss(pre.schedule), lr=a.lr, cbs=[EMACB(a.ema), tb], config={'diffcourse': record})
     print(f"continuing {a.name} for {a.minutes} min, batch {a.batch_size}, lr {a.lr}, into {a.out}", flush=True)

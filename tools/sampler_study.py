@@ -48,7 +48,10 @@ def parse_setting(text:str):
 
 
 def load_model(model:str, dev):
-    "(name, model, schedule, how it was trained) of a shipped model's name or a run folder's EMA weights."
+    "(name, model, schedule, how it was trained) of a shipped model's name, a NAME.safetensors beside its NAME.json card, or a run folder's EMA weights."
+    if model.endswith('.safetensors'):
+        pre = load(Path(model).stem, device=dev, folder=Path(model).parent)
+        return model, pre.model, pre.schedule, pre.card.get('training')
     if Path(model).exists():
         from diffcourse.cli import _from_checkpoint
         m, sched, rec, ck = _from_checkpoint(model)
@@ -89,7 +92,7 @@ def main(argv=None):
     p.add_argument('--budget_s', type=float, default=float('inf'), help='stop starting new settings after this many seconds')
     p.add_argument('--no_second', action='store_true', help='skip the second DDPM reference set')
     p.add_argument('--keep', type=int, default=16, help='samples of each setting kept for grids')
-    p.add_argument('--model', default='fmnist-ddpm', help="a shipped model's name or a run folder (its EMA weights)")
+    p.add_argument('--model', default='fmnist-ddpm', help="a shipped model's name, a NAME.safetensors with its card, or a run folder (its EMA weights)")
     p.add_argument('--only', nargs='*', help='run just these settings, as sampler:steps:spacing (none: only --heldout)')
     p.add_argument('--variance', choices=['beta', 'posterior'], help="the variance of the 'ddpm' rows (default: sample()'s, β)")
     p.add_argument('--threads', type=int, help='torch CPU threads')
