@@ -99,6 +99,7 @@ def main(argv=None):
     p.add_argument('--heldout', type=int, default=0, help='also record the ε-MSE on this many test images (10 timesteps each)')
     p.add_argument('--out', default='nbs/results/sampler_study', help='path without extension')
     a = p.parse_args(argv)
+    if a.n <= 128: p.error(f"--n must be more than 128, the classifier's feature width (FID needs a full-rank covariance); got {a.n}")
     if a.threads: torch.set_num_threads(a.threads)
     t_start, dev = time.perf_counter(), torch.device(a.device)
     out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)

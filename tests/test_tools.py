@@ -1,0 +1,49 @@
+"The study tools behind chapter 09's numbers: continuing a shipped model's training, exporting it, and measuring it."
+import importlib.util, json
+from pathlib import Path
+import pytest, torch
+from safetensors.torch import load_file
+
+from diffcourse.cli import export
+from diffcourse.pretrained import WEIGHTS_DIR
+
+TOOLS = Path(__file__).resolve().parents[1] / 'tools'
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f'{name}.py')
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod
+
+def test_continue_export_and_measure(tmp_path):
+    "A continued run starts from the shipped weights, exports with its whole history, and the study reads it back."
+    run, folder, out = tmp_path / 'run', tmp_path / 'weights', tmp_path / 'study'
+    _tool('continue_training').main(['--minutes', '0.05', '--threads', '1', '--batch_size', '16', '--out', str(run)])
+    w = export(str(run), name='cont', folder=str(folder))
+    card = json.loads((folder / 'cont.json').read_text())
+    shipped = json.loads((WEIGHTS_DIR / 'fmnist-ddpm.json').read_text())
+    assert card['command'].startswith('python tools/continue_training.py --minutes 0.05')
+    assert card['training']['continued_from'] == 'fmnist-ddpm' and card['training']['steps_done'] > 0
+    assert card['training']['previous'] == shipped['training'] and card['model'] == shipped['model']
+    new, old = load_file(w), load_file(WEIGHTS_DIR / 'fmnist-ddpm.safetensors')
+    assert new.keys() == old.keys() and any(not torch.equal(new[k], old[k]) for k in new)   # it trained: the weights moved
+
+    study = _tool('sampler_study')
+    study.main(['--model', str(w), '--only', 'ddim:2:trailing', 'euler_a:2:trailing', '--n', '130', '--batch', '65',
+                '--device', 'cpu', '--heldout', '4', '--keep', '2', '--out', str(out)])
+    res = json.loads(out.with_suffix('.json').read_text())
+    assert [(r['sampler'], r['steps'], r['spacing']) for r in res['rows']] == [('ddim', 2, 'trailing'), ('euler_a', 2, 'trailing')]
+    assert res['training'] == card['training'] and res['n'] == 130 and res['clip_sample'] == 1.0
+    assert all(r['finite'] and r['fid'] > 0 for r in res['rows']) and 0 < res['heldout_eps_mse'] < 1
+    assert load_file(out.with_suffix('.safetensors'))['ddim|2|trailing|0'].shape == (2, 1, 28, 28)
+
+@pytest.mark.parametrize('bad,msg', [('plms:20:trailing', "unknown sampler 'plms'"), ('ddim:many:trailing', 'is not sampler:steps:spacing'),
+                                     ('ddim:20', 'is not sampler:steps:spacing')])
+def test_study_rejects_bad_settings_before_loading(tmp_path, bad, msg):
+    with pytest.raises(SystemExit, match=msg):
+        _tool('sampler_study').main(['--only', bad, '--model', str(tmp_path / 'no-such-run'), '--out', str(tmp_path / 's')])
+    assert not list(tmp_path.iterdir())
+
+def test_study_needs_enough_samples_for_fid(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _tool('sampler_study').main(['--only', 'ddim:2:trailing', '--n', '128', '--out', str(tmp_path / 's')])
+    assert '--n must be more than 128' in capsys.readouterr().err and not list(tmp_path.iterdir())
