@@ -29,3 +29,14 @@ def no_network(monkeypatch):
     def connect_ex(self, address): guard(self, address); return real_ex(self, address)
     monkeypatch.setattr(socket.socket, 'connect', connect)
     monkeypatch.setattr(socket.socket, 'connect_ex', connect_ex)
+
+def _refuse(*a, **k): raise AssertionError("pickle, torch.load or the network was used")
+
+@pytest.fixture
+def offline_no_pickle(monkeypatch):
+    "For tests that load shipped files: pickle, torch.load and any socket use fail the test."
+    import pickle, torch
+    monkeypatch.setattr(pickle, 'Unpickler', _refuse)
+    for mod, name in ((pickle, 'load'), (pickle, 'loads'), (torch, 'load'),
+                      (socket.socket, 'connect'), (socket, 'create_connection'), (socket, 'getaddrinfo')):
+        monkeypatch.setattr(mod, name, _refuse)
