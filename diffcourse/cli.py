@@ -15,7 +15,8 @@ from .core import seed_everything, make_grid, default_device
 from .schedules import NoiseSchedule
 from .ddpm import DiffusionLoss
 from .data import get_dataloader, pad_images
-from .learner import Learner, Callback, CancelFitException, EMACB, CheckpointCB, CosineCB, ProgressCB, read_checkpoint
+from .learner import (Learner, Callback, CancelFitException, EMACB, CheckpointCB, CosineCB, ProgressCB, read_checkpoint,
+                                speed_cbs, measure_speed, fastest_setting)
 from .pretrained import build_model, build_schedule, schedule_spec, save_pretrained, generate, load as load_pretrained, available
 
 # %% auto #0
@@ -215,6 +216,7 @@ def train(model:str='resattn', # the UNet: one of `MODELS` (conv, res, resattn)
           n_data:int|None=None, # train on a fixed subset of this many images
           threads:int|None=None, # torch CPU threads (None: torch's default)
           device:str|None=None, # cpu, cuda, mps (None: the best available)
+          speed:str='auto', # 'auto' (measure and pick the fastest), or a setting such as 'fp32', 'bf16', 'bf16+channels_last' (see `speed_cbs`)
           n_samples:int=16, # images in samples.png
           sample_steps:int=100, # DDPM steps for samples.png
           progress:bool=True, # show a progress bar (steps) or print progress lines (minutes)
@@ -228,6 +230,9 @@ def train(model:str='resattn', # the UNet: one of `MODELS` (conv, res, resattn)
     for k in ('batch_size', 'T', 'n_samples', 'sample_steps'): _count(k, args[k])
     for k in ('ckpt_every', 'size', 'n_data', 'threads'): _count(k, args[k], none_ok=True)
     _positive('ckpt_minutes', ckpt_minutes, none_ok=True)
+    if speed != 'auto':
+        try: speed_cbs(speed)
+        except (TypeError, ValueError) as e: raise ValueError(f"speed must be 'auto' or a setting: {e}") from None
     if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= ema < 1: raise ValueError(f"ema must be a number in [0, 1), the EMA's largest decay; got {ema!r}")
     if sample_steps > T: raise ValueError(f"sample_steps must be at most T={T}; got {sample_steps}")
     out = _writable_dir(out)                         # all checked before anything is written or loaded
@@ -243,24 +248,29 @@ def train(model:str='resattn', # the UNet: one of `MODELS` (conv, res, resattn)
     if image_shape[-1] % net.size_multiple:
         raise ValueError(f"size: images are {image_shape[-1]}x{image_shape[-1]} but this UNet needs multiples of {net.size_multiple}; pass --size")
     dl = get_dataloader(data, batch_size=batch_size, shuffle=True, seed=seed, drop_last=True)
+    loss_func = DiffusionLoss(sched)
+    if speed == 'auto':                            # timed on copies, with the random state put back: the run is unchanged
+        batch = (data.images[:batch_size].to(dev), data.labels[:batch_size].to(dev))
+        speed = fastest_setting(measure_speed(net, batch, loss_func), printer=print if progress else None)
+        args['speed'] = speed                      # the command on record names the setting it used
     always = ('model', 'dataset', 'batch_size', 'lr', 'seed', 'schedule', 'T', 'ema')   # spelled out even when default
     defaults = {k: v.default for k, v in inspect.signature(train).parameters.items() if k not in always}
     record = {'model': spec, 'schedule': sched_spec, 'data': {'dataset': dataset, 'image_shape': list(image_shape), 'n_images': len(data)},
-              'training': {k: args[k] for k in ('steps', 'minutes', 'batch_size', 'lr', 'seed', 'ema', 'threads')},
+              'training': {k: args[k] for k in ('steps', 'minutes', 'batch_size', 'lr', 'seed', 'ema', 'threads', 'speed')},
               'command': _command('diffcourse_train', {k: v for k, v in args.items() if k not in ('progress',)}, defaults)}
     tb = TimeBudgetCB(minutes, ckpt_minutes, out, keep=2, lr_by_time=minutes is not None, log_every=30 if progress and minutes else None)
     ckpt_cb = CheckpointCB(out, every=ckpt_every, keep=2)
-    cbs = [EMACB(ema), ckpt_cb, tb,
+    cbs = [*speed_cbs(speed), EMACB(ema), ckpt_cb, tb,
            SampleGridCB(out/'samples.png', sched, image_shape, n=n_samples, steps=sample_steps, seed=seed)]
     if steps is not None: cbs.append(CosineCB(warmup=0.02, final=0.05))
     if progress and steps is not None: cbs.append(ProgressCB(plot=False))
-    learn = Learner(net, dl, DiffusionLoss(sched), lr=lr, cbs=cbs, config={'diffcourse': record})
+    learn = Learner(net, dl, loss_func, lr=lr, cbs=cbs, config={'diffcourse': record})
     if progress: print(f"training {spec['class']} ({sum(p.numel() for p in net.parameters()):,} parameters) on {len(data):,} "
-                       f"{dataset} images {image_shape} for {f'{steps} steps' if steps else f'{minutes} minutes'}; writing to {out}", flush=True)
+                       f"{dataset} images {image_shape} for {f'{steps} steps' if steps else f'{minutes} minutes'} ({speed}); writing to {out}", flush=True)
     learn.fit(steps=steps if steps is not None else 10**9)
     m = learn.metrics
     return {'out': out, 'steps': learn.step, 'final_loss': float(np.mean(m.losses[-100:])) if m.losses else float('nan'),
-            'wall_time_s': tb.elapsed, 'checkpoint': ckpt_cb.saved[-1] if ckpt_cb.saved else None,
+            'wall_time_s': tb.elapsed, 'speed': speed, 'checkpoint': ckpt_cb.saved[-1] if ckpt_cb.saved else None,
             'samples': out/'samples.png', 'learner': learn}
 
 # %% ../nbs/16_cli.ipynb #f41d0436
@@ -354,12 +364,13 @@ def diffcourse_train(model:str='resattn', # the UNet: conv, res or resattn
                      n_data:int=None, # train on a subset of this many images
                      threads:int=None, # torch CPU threads
                      device:str=None, # cpu, cuda or mps
+                     speed:str='auto', # auto (measure, use the fastest), fp32, bf16, channels_last, bf16+channels_last (+compile)
                      n_samples:int=16, # images in samples.png
                      sample_steps:int=100, # DDPM steps for samples.png
                     ):
     "Train a UNet with the DDPM objective; write checkpoints and samples.png into --out."
     res = _cli('diffcourse_train', train, **{k: v for k, v in locals().items()})
-    print(f"done: {res['steps']} steps in {res['wall_time_s']/60:.1f} min, final loss {res['final_loss']:.4f}; "
+    print(f"done: {res['steps']} steps ({res['speed']}) in {res['wall_time_s']/60:.1f} min, final loss {res['final_loss']:.4f}; "
           f"checkpoint {res['checkpoint']}, samples {res['samples']}")
 
 @_command_line

@@ -16,12 +16,14 @@ from torch import nn
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['EVENTS', 'CKPT_FORMAT', 'CKPT_VERSION', 'CancelFitException', 'CancelEpochException', 'CancelBatchException',
-           'NonFiniteLossError', 'Callback', 'run_cbs', 'get_rng_state', 'set_rng_state', 'preserve_rng',
-           'data_generators', 'to_device', 'Learner', 'MetricsCB', 'ema_decay', 'EMACB', 'one_cycle', 'cosine_schedule',
-           'LRScheduleCB', 'OneCycleCB', 'CosineCB', 'GradClipCB', 'MixedPrecisionCB', 'write_atomic',
-           'list_checkpoints', 'find_checkpoint', 'read_checkpoint', 'load_weights', 'CheckpointCB', 'ProgressCB',
-           'LRFinderCB', 'valley', 'LRFinderResult', 'wandb_mode', 'WandbCB', 'AccelerateCB']
+__all__ = ['EVENTS', 'SPEED_PARTS', 'CKPT_FORMAT', 'CKPT_VERSION', 'CancelFitException', 'CancelEpochException',
+           'CancelBatchException', 'NonFiniteLossError', 'Callback', 'run_cbs', 'get_rng_state', 'set_rng_state',
+           'preserve_rng', 'data_generators', 'to_device', 'Learner', 'MetricsCB', 'ema_decay', 'EMACB', 'one_cycle',
+           'cosine_schedule', 'LRScheduleCB', 'OneCycleCB', 'CosineCB', 'GradClipCB', 'cpu_has_bf16',
+           'MixedPrecisionCB', 'ChannelsLastCB', 'CompileCB', 'speed_cbs', 'speed_settings', 'measure_speed',
+           'fastest_setting', 'write_atomic', 'list_checkpoints', 'find_checkpoint', 'read_checkpoint', 'load_weights',
+           'CheckpointCB', 'ProgressCB', 'LRFinderCB', 'valley', 'LRFinderResult', 'wandb_mode', 'WandbCB',
+           'AccelerateCB']
 
 # %% ../nbs/04_learner.ipynb #ac0901d5
 class CancelFitException(Exception):
@@ -493,31 +495,150 @@ class GradClipCB(Callback):
     def after_backward(self, learn): learn.grad_norm = float(learn.clip_grad_norm(self.max_norm))
 
 # %% ../nbs/04_learner.ipynb #30a88660
+def cpu_has_bf16() -> bool:
+    "Whether this CPU does bfloat16 arithmetic in hardware (AVX-512 BF16 or AMX), which oneDNN uses under autocast."
+    for name in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'):
+        f = getattr(getattr(torch, 'cpu', None), name, None)
+        try:
+            if f is not None and f(): return True
+        except Exception: pass   # an older torch without the probe: treat as absent
+    return False
+
+_AMP_DTYPES = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16,
+               torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
+
 class MixedPrecisionCB(Callback):
-    "Autocast to bf16 or fp16 on CUDA (fp16 with a `GradScaler`); a no-op on other devices."
+    "Autocast forward and loss to bf16 (CUDA, or a CPU with bf16 in hardware) or fp16 (CUDA, with a `GradScaler`); else float32."
     order, in_lr_find = -10, True
-    def __init__(self, dtype:str='bf16'): # 'bf16' or 'fp16'
-        dtypes = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16,
-                  torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
-        if dtype not in dtypes: raise ValueError(f"dtype must be 'bf16' or 'fp16'; got {dtype!r}")
-        self.dtype, self.scaler, self.active = dtypes[dtype], None, False
+    def __init__(self, dtype:str='bf16', # 'bf16' or 'fp16' (fp16 on CUDA only)
+                 cpu:bool|None=None, # autocast on a CPU: None when it has bf16 in hardware, True always, False never
+                ):
+        if dtype not in _AMP_DTYPES: raise ValueError(f"dtype must be 'bf16' or 'fp16'; got {dtype!r}")
+        if cpu is not None and not isinstance(cpu, bool): raise ValueError(f"cpu must be None, True or False; got {cpu!r}")
+        self.dtype, self.cpu, self.scaler, self.active, self.why = _AMP_DTYPES[dtype], cpu, None, False, 'not fitted yet'
+
+    def _decide(self, dev:str) -> tuple[bool, str]:
+        name = 'bf16' if self.dtype == torch.bfloat16 else 'fp16'
+        if dev == 'cuda': return True, f'{name} autocast on CUDA'
+        if dev != 'cpu': return False, f'float32: no autocast on {dev}'
+        if self.dtype == torch.float16: return False, 'float32: fp16 autocast is for CUDA; use bf16 on a CPU'
+        if self.cpu is False: return False, 'float32: CPU autocast switched off (cpu=False)'
+        if self.cpu is None and not cpu_has_bf16(): return False, 'float32: this CPU has no bf16 in hardware (AVX-512 BF16 or AMX)'
+        return True, 'bf16 autocast on CPU'
 
     def before_fit(self, learn):
-        self.active = learn.device.type == 'cuda'
+        dev = learn.device.type
+        self.active, self.why = self._decide(dev)
         if not self.active: return
         dt = self.dtype
-        _set_hooks(learn, self, autocast=lambda: torch.autocast('cuda', dtype=dt))
+        _set_hooks(learn, self, autocast=lambda: torch.autocast(dev, dtype=dt))
         if dt == torch.float16:
             self.scaler = scaler = torch.amp.GradScaler('cuda')
             def opt_step(): scaler.step(learn.opt); scaler.update()
             _set_hooks(learn, self, backward=lambda loss: scaler.scale(loss).backward(), opt_step=opt_step)
 
+    def after_loss(self, learn):
+        if self.active: learn.loss = learn.loss.float()       # the loss (and so the backward's start) in float32
     def after_backward(self, learn):
         if self.scaler is not None: self.scaler.unscale_(learn.opt)
     def cleanup_fit(self, learn): _unset_hooks(learn, self)
     def state_dict(self): return {'scaler': self.scaler.state_dict() if self.scaler is not None else None}
     def load_state_dict(self, d):
         if self.scaler is not None and d.get('scaler'): self.scaler.load_state_dict(d['scaler'])
+    def __repr__(self): return f"MixedPrecisionCB({'bf16' if self.dtype == torch.bfloat16 else 'fp16'}: {self.why})"
+
+# %% ../nbs/04_learner.ipynb #8cefc26b
+def _channels_last(b):
+    "4-D tensors in `b` (nested tuples, lists, dicts) in channels-last layout; everything else as it is."
+    if isinstance(b, torch.Tensor): return b.contiguous(memory_format=torch.channels_last) if b.ndim == 4 else b
+    if isinstance(b, (list, tuple)): return type(b)(_channels_last(o) for o in b)
+    if isinstance(b, dict): return {k: _channels_last(v) for k, v in b.items()}
+    return b
+
+class ChannelsLastCB(Callback):
+    "Train with the model's 4-D weights and the batch's images in channels-last (NHWC) memory layout."
+    order, in_lr_find = -15, True
+    def before_fit(self, learn): learn.model.to(memory_format=torch.channels_last)    # in place: the optimizer keeps its parameters
+    def before_batch(self, learn): learn.batch = _channels_last(learn.batch)
+    def cleanup_fit(self, learn): learn.model.to(memory_format=torch.contiguous_format)
+    def __repr__(self): return 'ChannelsLastCB()'
+
+class CompileCB(Callback):
+    "Train through `torch.compile(model, **kwargs)`; `compile_s` is the wall time of the first compiled step."
+    order, in_lr_find = -12, True
+    def __init__(self, **kwargs): # passed to `torch.compile` (e.g. mode='max-autotune')
+        self.kwargs, self.compile_s = kwargs, None
+    def before_fit(self, learn):
+        self._orig, self._t0 = learn.model, None
+        learn.model = torch.compile(learn.model, **self.kwargs)
+    def before_batch(self, learn):
+        if self.compile_s is None and self._t0 is None: self._t0 = time.perf_counter()
+    def after_batch(self, learn):
+        if self.compile_s is None and self._t0 is not None: self.compile_s = time.perf_counter() - self._t0
+    def cleanup_fit(self, learn): learn.model = self._orig
+    def __repr__(self): return f'CompileCB({self.kwargs or ""})'
+
+# %% ../nbs/04_learner.ipynb #2467acd3
+SPEED_PARTS = ('bf16', 'channels_last', 'compile')
+
+def speed_cbs(setting:str='fp32', # e.g. 'fp32', 'bf16', 'channels_last', 'bf16+channels_last', '...+compile'
+             ) -> list:
+    "The callbacks that make up a named speed setting."
+    if not isinstance(setting, str): raise TypeError(f"setting must be a string like 'bf16+channels_last'; got {type(setting).__name__}")
+    parts = [p for p in setting.split('+') if p != 'fp32']
+    bad = [p for p in parts if p not in SPEED_PARTS]
+    if bad or not setting or len(set(parts)) != len(parts):
+        raise ValueError(f"setting must be 'fp32' or parts from {SPEED_PARTS} joined by '+'; got {setting!r}")
+    return ([MixedPrecisionCB('bf16')] if 'bf16' in parts else []) + ([ChannelsLastCB()] if 'channels_last' in parts else []) \
+         + ([CompileCB()] if 'compile' in parts else [])
+
+def speed_settings(device, # the device training runs on
+                   compile:bool=False, # include settings with torch.compile
+                  ) -> list[str]:
+    "The settings worth measuring on `device`: bf16 only where `MixedPrecisionCB` would use it."
+    dev = torch.device(device).type
+    bf16 = MixedPrecisionCB()._decide(dev)[0]
+    out = ['fp32', 'channels_last'] + (['bf16', 'bf16+channels_last'] if bf16 else [])
+    return out + [s + '+compile' for s in out] if compile else out
+
+class _StepTimer(Callback):
+    order = 95
+    def __init__(self): self.times = []
+    def before_batch(self, learn): self.t0 = time.perf_counter()
+    def after_batch(self, learn): self.times.append(time.perf_counter() - self.t0)
+
+def measure_speed(model:nn.Module, # the model to time (it is copied, never changed)
+                  batch, # one training batch, as the DataLoader yields it
+                  loss_func:Callable, # `loss_func(model, batch)`
+                  settings:list|None=None, # names (see `speed_cbs`); None: `speed_settings(device)`
+                  steps:int=3, # timed steps per setting, after one untimed first step
+                  opt_func:Callable=torch.optim.AdamW, # the optimizer to step
+                 ) -> list[dict]:
+    "Train a copy of `model` on `batch` for `steps` + 1 steps in each setting; images/s and first-step time for each."
+    _check_count('steps', steps)
+    dev = next(model.parameters()).device
+    settings = speed_settings(dev) if settings is None else list(settings)
+    for s in settings: speed_cbs(s)                                    # check every name first
+    n = len(batch[0]) if isinstance(batch, (tuple, list)) else len(batch)
+    rows = []
+    with preserve_rng():
+        for s in settings:
+            timer = _StepTimer()
+            learn = Learner(copy.deepcopy(model), [batch] * (steps + 1), loss_func, opt_func=opt_func,
+                            cbs=speed_cbs(s) + [timer, MetricsCB(printer=None)])
+            learn.fit(steps=steps + 1)
+            first, rest = timer.times[0], sorted(timer.times[1:])
+            rows.append({'setting': s, 'images_per_s': n / rest[len(rest) // 2], 'first_step_s': first})
+    return rows
+
+def fastest_setting(rows:list[dict], # from `measure_speed`
+                    printer:Callable|None=print, # where to say what was measured and chosen; None: silent
+                   ) -> str:
+    "The setting with the most images/s; says which it chose and what each measured."
+    if not rows: raise ValueError("rows is empty: measure at least one setting with measure_speed")
+    best = max(rows, key=lambda r: r['images_per_s'])
+    if printer: printer('speed: ' + ', '.join(f"{r['setting']} {r['images_per_s']:.0f} img/s" for r in rows) + f"; using {best['setting']}")
+    return best['setting']
 
 # %% ../nbs/04_learner.ipynb #9ef1ec3f
 CKPT_FORMAT = 'diffcourse.learner.checkpoint'

@@ -1,6 +1,6 @@
 """A small training run for the Learner's fault tests (tests/test_learner.py launches it).
 
-    python learner_train.py OUT CKPT [--resume] [--every N] [--delay S] [--die-in-save K:FILE]
+    python learner_train.py OUT CKPT [--resume] [--every N] [--delay S] [--die-in-save K:FILE] [--bf16]
 
 Trains a tiny MLP with dropout on shuffled data, a loss that draws noise, validation, EMA, one-cycle
 and gradient clipping, writing checkpoints to CKPT every N steps, then saves the final model, EMA
@@ -24,6 +24,7 @@ p.add_argument('--every', type=int, default=5)
 p.add_argument('--epochs', type=int, default=4)
 p.add_argument('--delay', type=float, default=0.0)
 p.add_argument('--die-in-save', default=None)
+p.add_argument('--bf16', action='store_true', help='bf16 autocast (forced on any CPU)')
 args = p.parse_args()
 
 if args.die_in_save:
@@ -55,6 +56,7 @@ def make_learner():
             if args.delay: time.sleep(args.delay)
     cbs = [L.EMACB(0.99), L.OneCycleCB(), L.GradClipCB(1.0), L.MetricsCB(printer=None),
            L.CheckpointCB(args.ckpt, every=args.every, keep=2), Slow()]
+    if args.bf16: cbs.append(L.MixedPrecisionCB('bf16', cpu=True))
     return L.Learner(model, (train, valid), loss, lr=1e-2, cbs=cbs)
 
 learn = make_learner()

@@ -53,6 +53,9 @@ def test_tiny_train_sample_export(tmp_path):
     rec = json.loads((ck/'state.json').read_text())['config']['diffcourse']
     assert rec['model']['class'] == 'ResAttnUNet' and rec['schedule'] == {'name': 'cosine', 'T': 1000}
     assert rec['command'].startswith('diffcourse_train --model resattn --dataset fmnist --steps 4 ') and '--channels 16,32' in rec['command']
+    from diffcourse.learner import speed_settings
+    assert res['speed'] in speed_settings('cpu') and rec['training']['speed'] == res['speed']   # measured, then named
+    assert f"--speed {res['speed']}" in rec['command']                                          # so a rerun uses the same
     img = Image.open(res['samples']); assert img.size[0] > 0 and img.mode == 'L'
     png = sample(str(tmp_path/'run'), n=2, steps=3, out=str(tmp_path/'g.png'), progress=False)
     assert Image.open(png).size[0] > 0

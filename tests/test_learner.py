@@ -13,7 +13,8 @@ import diffcourse.learner as L
 from diffcourse.learner import (Learner, Callback, MetricsCB, EMACB, CheckpointCB, OneCycleCB, CosineCB, GradClipCB,
                                 MixedPrecisionCB, ProgressCB, WandbCB, LRScheduleCB, CancelFitException,
                                 CancelEpochException, CancelBatchException, NonFiniteLossError, ema_decay, one_cycle,
-                                read_checkpoint, load_weights, find_checkpoint, EVENTS)
+                                read_checkpoint, load_weights, find_checkpoint, EVENTS, ChannelsLastCB, CompileCB,
+                                speed_cbs, speed_settings, measure_speed, fastest_setting, cpu_has_bf16)
 from diffcourse.core import seed_everything
 
 HERE = Path(__file__).parent
@@ -135,6 +136,138 @@ def test_mixed_precision_is_a_noop_on_cpu():
     assert equal_states(weights(a.model), weights(b.model))
     assert b.autocast.__func__ is Learner.autocast          # hooks put back after the fit
     with pytest.raises(ValueError, match="'bf16' or 'fp16'"): MixedPrecisionCB('fp8')
+
+class Dtypes(Callback):
+    "Records the dtype of the first Linear's output in each forward, and of the loss."
+    order = 100
+    def __init__(self): self.out, self.loss = [], []
+    def before_fit(self, learn):
+        self.h = next(m for m in learn.model.modules() if isinstance(m, nn.Linear)).register_forward_hook(
+            lambda m, i, o: self.out.append(o.dtype))
+    def after_loss(self, learn): self.loss.append(learn.loss.dtype)
+    def cleanup_fit(self, learn): self.h.remove()
+
+def all_float32(learn):
+    opt = [v for st in learn.opt.state.values() for v in st.values() if torch.is_tensor(v) and v.is_floating_point()]
+    return all(t.dtype == torch.float32 for t in [*learn.model.parameters(), *learn.ema_model.parameters(), *opt])
+
+def test_bf16_autocast_on_cpu_keeps_float32_master_weights():
+    seed_everything(0); a = Learner(mlp(), data(), mse, cbs=[quiet(), EMACB(0.9)]).fit(2)
+    d = Dtypes(); mp = MixedPrecisionCB('bf16', cpu=True)
+    seed_everything(0); b = Learner(mlp(), data(), mse, cbs=[quiet(), EMACB(0.9), mp, d]).fit(2)
+    assert mp.active and 'bf16 autocast on CPU' in repr(mp)
+    assert set(d.out) == {torch.bfloat16} and set(d.loss) == {torch.float32}   # bf16 matmuls, float32 loss
+    assert all_float32(b)                                                        # weights, EMA, Adam's moments
+    wa, wb = weights(a.model), weights(b.model)
+    assert not equal_states(wa, wb)                                              # it did compute in bf16 ...
+    assert all(torch.allclose(wa[k], wb[k], atol=0.02) for k in wa)              # ... and lands near the float32 run
+    assert b.autocast.__func__ is Learner.autocast
+
+def test_bf16_falls_back_to_float32_where_the_cpu_lacks_it(monkeypatch):
+    monkeypatch.setattr(L, 'cpu_has_bf16', lambda: False)
+    seed_everything(0); a = Learner(mlp(), data(), mse, cbs=[quiet()]).fit(1)
+    mp, d = MixedPrecisionCB(), Dtypes()
+    seed_everything(0); b = Learner(mlp(), data(), mse, cbs=[quiet(), mp, d]).fit(1)
+    assert not mp.active and 'no bf16 in hardware' in repr(mp) and set(d.out) == {torch.float32}
+    assert equal_states(weights(a.model), weights(b.model))
+    assert speed_settings('cpu') == ['fp32', 'channels_last']                   # nothing with bf16 is offered
+    monkeypatch.setattr(L, 'cpu_has_bf16', lambda: True)
+    assert speed_settings('cpu') == ['fp32', 'channels_last', 'bf16', 'bf16+channels_last']
+    assert MixedPrecisionCB(cpu=False)._decide('cpu')[0] is False
+    with pytest.raises(ValueError, match="cpu must be None, True or False"): MixedPrecisionCB(cpu='yes')
+
+def test_cpu_has_bf16_agrees_with_the_cpu_flags():
+    flags = Path('/proc/cpuinfo').read_text() if Path('/proc/cpuinfo').exists() else None
+    if flags is None: pytest.skip('no /proc/cpuinfo')
+    assert cpu_has_bf16() == any(f in flags.split() for f in ('avx512_bf16', 'amx_bf16', 'amx_tile'))
+
+def make_resumable(extra=(), conv=False):
+    "A small run with randomness everywhere; conv=True gives a model with 4-D weights and image batches."
+    seed_everything(0)
+    if conv:
+        model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.Dropout(0.1), nn.SiLU(), nn.Conv2d(8, 2, 3, padding=1))
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(48, 2, 6, 6, generator=g); y = x.roll(1, dims=-1).sin()
+        xv = torch.randn(16, 2, 6, 6, generator=g); yv = xv.roll(1, dims=-1).sin()
+        dls = (DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True), DataLoader(TensorDataset(xv, yv), batch_size=8))
+    else:
+        model = nn.Sequential(nn.Linear(3, 16), nn.Dropout(0.2), nn.Tanh(), nn.Linear(16, 1))
+        dls = (data(n=48, bs=8), data(n=16, bs=8))
+    def loss(model, batch):
+        x, y = batch
+        scale = 0.1 * (1 + np.random.rand()) * (1 + random.random())
+        return ((model(x + scale * torch.randn_like(x)) - y) ** 2).mean()
+    cbs = [EMACB(0.99), CosineCB(warmup=0.1), GradClipCB(1.), MetricsCB(printer=None), *extra]
+    return Learner(model, dls, loss, lr=1e-2, cbs=cbs)
+
+@pytest.mark.parametrize('setting,conv', [('bf16', False), ('bf16', True), ('channels_last', True), ('bf16+channels_last', True)])
+def test_resume_with_a_speed_setting_equals_uninterrupted(tmp_path, setting, conv):
+    "bf16 and channels-last runs, stopped at step 13 and resumed from step 10, end bit for bit where the whole run ends."
+    def make(*more):
+        cbs = speed_cbs(setting)
+        for cb in cbs:
+            if isinstance(cb, MixedPrecisionCB): cb.cpu = True           # bf16 on any CPU, so the test runs everywhere
+        return make_resumable([*cbs, *more], conv=conv)
+    full = make().fit(4)
+    class Crash(Callback):
+        def after_step(self, learn):
+            if learn.step == 13: raise CancelFitException()
+    make(CheckpointCB(tmp_path, every=5, at_end=False), Crash()).fit(4)
+    resumed = make(CheckpointCB(tmp_path, every=5))
+    resumed.resume(tmp_path)
+    assert resumed.step == full.step == 24
+    assert equal_states(weights(full.model), weights(resumed.model))
+    assert equal_states(weights(full.ema_model), weights(resumed.ema_model))
+    assert full.metrics.losses == resumed.metrics.losses
+    assert all_float32(full) and all(p.is_contiguous() for p in full.model.parameters())   # the model comes back in the usual layout
+
+def test_channels_last_changes_layout_not_values():
+    seen = []
+    class Layout(Callback):
+        order = 100
+        def after_loss(self, learn): seen.append((learn.batch[0].is_contiguous(memory_format=torch.channels_last),
+                                                  learn.model[0].weight.is_contiguous(memory_format=torch.channels_last)))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, 6, 6, generator=g)
+    def run(*cbs):   # no dropout and no noise: random draws land on other pixels in another layout
+        seed_everything(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 3, 3, padding=1))
+        dl = DataLoader(TensorDataset(x, x.roll(1, dims=-1)), batch_size=8)
+        return Learner(model, dl, mse, lr=1e-2, cbs=[quiet(), *cbs]).fit(2)
+    a, b = run(), run(ChannelsLastCB(), Layout())
+    assert seen and all(s == (True, True) for s in seen)
+    wa, wb = weights(a.model), weights(b.model)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    assert all(p.is_contiguous() for p in b.model.parameters())
+
+def test_compile_cb_trains_through_torch_compile_and_restores_the_model():
+    seen = []
+    class Seen(Callback):
+        order = 100
+        def after_loss(self, learn): seen.append(type(learn.model).__name__)
+    model = mlp()
+    cb = CompileCB(backend='eager')                                      # the plumbing; inductor is timed in bench/
+    learn = Learner(model, data(), mse, cbs=[quiet(), cb, Seen()]).fit(1)
+    assert set(seen) == {'OptimizedModule'} and learn.model is model and cb.compile_s > 0
+    assert learn.unwrapped_model is model
+
+def test_speed_settings_by_name_and_measured():
+    assert speed_cbs('fp32') == []
+    assert [type(c).__name__ for c in speed_cbs('bf16+channels_last+compile')] == ['MixedPrecisionCB', 'ChannelsLastCB', 'CompileCB']
+    for bad in ('bf32', 'bf16+bf16', '', 'bf16+fast'):
+        with pytest.raises(ValueError, match="setting must be 'fp32' or parts from"): speed_cbs(bad)
+    with pytest.raises(TypeError, match='setting must be a string'): speed_cbs(None)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.SiLU(), nn.Conv2d(4, 1, 3, padding=1))
+    batch = (torch.randn(8, 1, 8, 8), torch.zeros(8))
+    before, rng = weights(model), torch.get_rng_state()
+    rows = measure_speed(model, batch, lambda m, b: (m(b[0]) - b[0]).pow(2).mean(), settings=['fp32', 'channels_last'], steps=2)
+    assert [r['setting'] for r in rows] == ['fp32', 'channels_last'] and all(r['images_per_s'] > 0 for r in rows)
+    assert equal_states(before, weights(model)) and torch.equal(rng, torch.get_rng_state())   # nothing touched
+    said = []
+    best = fastest_setting([{'setting': 'fp32', 'images_per_s': 10.}, {'setting': 'bf16', 'images_per_s': 17.}], printer=said.append)
+    assert best == 'bf16' and said == ['speed: fp32 10 img/s, bf16 17 img/s; using bf16']
+    with pytest.raises(ValueError, match='rows is empty'): fastest_setting([])
+    with pytest.raises(ValueError, match='parts from'): measure_speed(model, batch, lambda m, b: 0, settings=['fp64'])
 
 def test_progress_in_a_terminal(capsys):
     Learner(mlp(), (data(n=32), data(n=16)), mse, cbs=[ProgressCB()]).fit(2)
@@ -306,6 +439,29 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, reference):
     r = run_train(tmp_path, 'resumed.safetensors', 'ckpt', '--resume')
     assert r.returncode == 0, r.stderr[-3000:]
     assert same_tensors(load_file(tmp_path / 'resumed.safetensors'), reference)
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted_in_bf16(tmp_path):
+    "The same fault test with bf16 autocast: killed, resumed, equal to the uninterrupted bf16 run; and not equal to float32."
+    from safetensors.torch import load_file
+    r = run_train(tmp_path, 'full.safetensors', 'ref', '--bf16')
+    assert r.returncode == 0, r.stderr[-3000:]
+    p = subprocess.Popen([sys.executable, str(HERE / 'learner_train.py'), str(tmp_path / 'x.safetensors'), str(tmp_path / 'ckpt'),
+                          '--delay', '0.15', '--bf16'], env=env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest, t0 = tmp_path / 'ckpt' / 'latest', time.time()
+    try:
+        while not (latest.exists() and latest.read_text() >= 'step-00000010'):
+            assert p.poll() is None, 'the run ended before it could be killed: ' + p.stderr.read().decode()[-2000:]
+            assert time.time() - t0 < 60, 'no checkpoint within 60 s'
+            time.sleep(0.02)
+        p.send_signal(signal.SIGKILL)
+    finally:
+        p.kill(); p.wait(timeout=30)
+    assert p.returncode == -signal.SIGKILL
+    r = run_train(tmp_path, 'resumed.safetensors', 'ckpt', '--resume', '--bf16')
+    assert r.returncode == 0, r.stderr[-3000:]
+    full = load_file(tmp_path / 'full.safetensors')
+    assert same_tensors(load_file(tmp_path / 'resumed.safetensors'), full)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in full.values())
 
 @pytest.mark.parametrize('where', ['model.safetensors', 'latest'])
 def test_kill_while_writing_a_checkpoint_keeps_the_previous(tmp_path, reference, where):

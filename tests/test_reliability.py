@@ -40,7 +40,7 @@ from diffcourse.samplers import sample, SAMPLERS, SPACINGS, max_steps
 from diffcourse.data import (DatasetNotFoundError, Remote, load_fashion_mnist, load_mnist, load_cifar10, load_emoji,
                              toy_points, get_dataloader)
 from diffcourse.ddpm import DiffusionLoss
-from diffcourse.learner import (Learner, MetricsCB, EMACB, CheckpointCB, NonFiniteLossError, CKPT_VERSION, read_checkpoint,
+from diffcourse.learner import (Learner, MetricsCB, MixedPrecisionCB, speed_cbs, EMACB, CheckpointCB, NonFiniteLossError, CKPT_VERSION, read_checkpoint,
                                 load_weights, list_checkpoints, wandb_mode)
 from diffcourse import pretrained
 from diffcourse.pretrained import save_pretrained, generate, ddpm_timesteps, WEIGHTS_DIR, CARD_VERSION
@@ -174,6 +174,10 @@ BAD = [
     ('cli-train-lr', lambda tmp: cli.train(steps=1, lr=-1.0, out=str(tmp / 'run')), ValueError, ["lr must be a positive number", "got -1.0"]),
     ('cli-train-batch_size', lambda tmp: cli.train(steps=1, batch_size=0, out=str(tmp / 'run')), ValueError,
      ["batch_size must be a positive int", "got 0"]),
+    ('cli-train-speed', lambda tmp: cli.train(steps=1, speed='turbo', out=str(tmp / 'run')), ValueError,
+     ["speed must be 'auto' or a setting", "'turbo'"]),
+    ('learner-speed-setting', lambda tmp: speed_cbs('fp64'), ValueError, ["setting must be 'fp32' or parts from", "'fp64'"]),
+    ('learner-mixed-precision-dtype', lambda tmp: MixedPrecisionCB('fp8'), ValueError, ["dtype must be 'bf16' or 'fp16'", "'fp8'"]),
     ('cli-sample-unknown-ckpt', lambda tmp: cli.sample('fmnist-gan', out=str(tmp / 'g.png')), ValueError,
      ["ckpt: 'fmnist-gan' is neither a checkpoint folder nor a shipped model", "fmnist-ddpm"]),
     ('cli-sample-n', lambda tmp: cli.sample('fmnist-ddpm', n=0, out=str(tmp / 'g.png')), ValueError, ["n must be a positive int", "got 0"]),
