@@ -17,7 +17,8 @@ from .ddpm import DiffusionLoss
 from .data import get_dataloader, pad_images
 from .learner import (Learner, Callback, CancelFitException, EMACB, CheckpointCB, CosineCB, ProgressCB, read_checkpoint,
                                 speed_cbs, measure_speed, fastest_setting)
-from .pretrained import build_model, build_schedule, schedule_spec, save_pretrained, generate, load as load_pretrained, available
+from .pretrained import build_model, build_schedule, schedule_spec, save_pretrained, generate, load as load_pretrained, available, sampling_settings, check_sampling, _default_steps
+from .samplers import SAMPLERS, SPACINGS
 
 # %% auto #0
 __all__ = ['MODELS', 'DATASETS', 'model_spec', 'load_images', 'TimeBudgetCB', 'SampleGridCB', 'save_grid', 'train', 'sample',
@@ -285,28 +286,49 @@ def _from_checkpoint(ckpt, ema:bool=True):
     model.load_state_dict(sd)
     return model.eval().requires_grad_(False), build_schedule(rec['schedule']), rec, ck
 
+def _sampling_args(sampler, spacing, eta, clip_sample):
+    "The sampler options checked one by one, before any model is loaded (their combination `samplers.sample` checks)."
+    if sampler is not None: _choice('sampler', sampler, SAMPLERS)
+    if spacing is not None: _choice('spacing', spacing, SPACINGS + ('karras',))
+    if eta is not None and (isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1):
+        raise ValueError(f"eta must be a number in [0, 1]; got {eta!r}")
+    if clip_sample is not None and (isinstance(clip_sample, bool) or not isinstance(clip_sample, (int, float)) or not 0 <= clip_sample < math.inf):
+        raise ValueError(f"clip_sample must be a number >= 0 (0: no clamp); got {clip_sample!r}")
+
 def sample(ckpt:str, # a run folder, a checkpoint folder, or a shipped model's name (see `pretrained.available`)
            n:int=64, # how many images
-           steps:int|None=None, # DDPM steps (None: all T)
+           steps:int|None=None, # sampler steps (None: the shipped model's card, else all T for ddpm and 50 for the others)
            out:str='samples.png', # the PNG grid to write
            seed:int=0, # seeds the noise
            nrow:int|None=None, # images per row (None: about square)
            raw:bool=False, # use the raw weights instead of the EMA
            threads:int|None=None, # torch CPU threads
            progress:bool=True, # show a progress bar
+           sampler:str|None=None, # one of `samplers.SAMPLERS` (None: the shipped model's card, else ddpm)
+           spacing:str|None=None, # leading, trailing, linspace or karras (None: the card's, else leading)
+           eta:float|None=None, # DDIM's η in [0, 1] (None: the card's, else 0)
+           clip_sample:float|None=None, # clamp every x̂_0 to [-c, c], 0 for none (None: the card's, else 1.0)
           ) -> Path:
-    "Draw `n` samples by ancestral DDPM from a checkpoint or a shipped model and save them as a PNG grid."
+    "Draw `n` samples from a checkpoint or a shipped model (as its card says, or by ancestral DDPM) and save them as a PNG grid."
     if not ckpt: raise ValueError("ckpt is required: a run folder, a checkpoint folder or a shipped model's name (--ckpt PATH)")
     _count('n', n); _count('steps', steps, none_ok=True); _count('nrow', nrow, none_ok=True); _count('threads', threads, none_ok=True)
+    _sampling_args(sampler, spacing, eta, clip_sample)
     out = _writable_file(out)
     if threads: torch.set_num_threads(threads)
     if isinstance(ckpt, str) and not Path(ckpt).exists() and ckpt in available():
-        pre = load_pretrained(ckpt); model, sched, shape = pre.model, pre.schedule, pre.image_shape
+        pre = load_pretrained(ckpt)
+        if pre.schedule is None: raise ValueError(f"ckpt: {ckpt!r} is a classifier, not a diffusion model: it cannot sample")
+        model, sched, shape, card_sampling = pre.model, pre.schedule, pre.image_shape, pre.card.get('sampling')
     elif not Path(ckpt).exists():
         raise ValueError(f"ckpt: {str(ckpt)!r} is neither a checkpoint folder nor a shipped model ({', '.join(available()) or 'none shipped'})")
     else:
-        model, sched, rec, _ = _from_checkpoint(ckpt, ema=not raw); shape = tuple(rec['data']['image_shape'])
-    x = generate(model, sched, n, shape, steps=steps, seed=seed, progress=progress)
+        model, sched, rec, _ = _from_checkpoint(ckpt, ema=not raw); shape, card_sampling = tuple(rec['data']['image_shape']), None
+    cfg = sampling_settings(card_sampling, sampler=sampler, steps=steps, spacing=spacing, eta=eta,
+                            clip_sample=None if clip_sample is None else (clip_sample or False))
+    if cfg['steps'] is None: cfg['steps'] = _default_steps(cfg['sampler'], sched.T)
+    check_sampling(cfg, sched)                                          # before the first image, not after the model's first call
+    if progress: print(f"sampling {n} images: " + ', '.join(f'{k} {v}' for k, v in cfg.items()), flush=True)
+    x = generate(model, sched, n, shape, seed=seed, progress=progress, **cfg)
     return save_grid(x, out, nrow=nrow)
 
 def export(ckpt:str, # a run folder or a checkpoint folder written by `train`
@@ -376,12 +398,16 @@ def diffcourse_train(model:str='resattn', # the UNet: conv, res or resattn
 @_command_line
 def diffcourse_sample(ckpt:str=None, # a run folder, a checkpoint folder, or a shipped model's name (required)
                       n:int=64, # how many images
-                      steps:int=None, # DDPM steps (default: all T)
+                      steps:int=None, # sampler steps (default: a shipped model's card, else all T for ddpm, 50 for the others)
                       out:str='samples.png', # the PNG grid to write
                       seed:int=0, # seeds the noise
                       nrow:int=None, # images per row
                       raw:bool=False, # use the raw weights instead of the EMA
                       threads:int=None, # torch CPU threads
+                      sampler:str=None, # ddpm, ddim, euler, euler_a, heun or dpmpp_2m (default: a shipped model's card, else ddpm)
+                      spacing:str=None, # leading, trailing, linspace or karras (default: the card's, else leading)
+                      eta:float=None, # DDIM's eta in [0, 1] (default 0)
+                      clip_sample:float=None, # clamp each x0 estimate to [-c, c], 0 for none (default: the card's, else 1.0)
                      ):
     "Draw samples from a checkpoint or a shipped model into a PNG grid."
     print(_cli('diffcourse_sample', sample, **locals()))

@@ -628,16 +628,30 @@ def measure_speed(model:nn.Module, # the model to time (it is copied, never chan
                             cbs=speed_cbs(s) + [timer, MetricsCB(printer=None)])
             learn.fit(steps=steps + 1)
             first, rest = timer.times[0], sorted(timer.times[1:])
-            rows.append({'setting': s, 'images_per_s': n / rest[len(rest) // 2], 'first_step_s': first})
+            rows.append({'setting': s, 'images_per_s': n / rest[len(rest) // 2], 'first_step_s': first, 'batch': n})
     return rows
+
+def _budget_score(r:dict, steps, seconds) -> float:
+    "Higher is better: images/s alone, or what a budget of `steps` or `seconds` gets once the first step (and any compilation) is paid."
+    if steps is None and seconds is None: return r['images_per_s']
+    step_s = r['batch'] / r['images_per_s']
+    if steps is not None: return -(r['first_step_s'] + (steps - 1) * step_s)          # minus the wall time for `steps` steps
+    return max(0., seconds - r['first_step_s']) / step_s                               # steps done in `seconds`
 
 def fastest_setting(rows:list[dict], # from `measure_speed`
                     printer:Callable|None=print, # where to say what was measured and chosen; None: silent
+                    steps:int|None=None, # the run's length in steps: the first step's cost (compilation) counts
+                    seconds:float|None=None, # or its length in seconds
                    ) -> str:
-    "The setting with the most images/s; says which it chose and what each measured."
+    "The setting that trains fastest (over the run, given its length); says which it chose and what each measured."
     if not rows: raise ValueError("rows is empty: measure at least one setting with measure_speed")
-    best = max(rows, key=lambda r: r['images_per_s'])
-    if printer: printer('speed: ' + ', '.join(f"{r['setting']} {r['images_per_s']:.0f} img/s" for r in rows) + f"; using {best['setting']}")
+    if steps is not None and seconds is not None: raise ValueError("give steps or seconds, not both")
+    best = max(rows, key=lambda r: _budget_score(r, steps, seconds))
+    if printer:
+        first = [f" (first step {r['first_step_s']:.0f} s)" if r.get('first_step_s', 0) > 5 else '' for r in rows]
+        over = f" over {steps} steps" if steps else f" over {seconds:.0f} s" if seconds else ''
+        printer('speed: ' + ', '.join(f"{r['setting']} {r['images_per_s']:.0f} img/s{f}" for r, f in zip(rows, first))
+                + f"; using {best['setting']}{over}")
     return best['setting']
 
 # %% ../nbs/04_learner.ipynb #9ef1ec3f

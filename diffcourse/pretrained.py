@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from .schedules import NoiseSchedule
-from .ddpm import ddpm_step
+from . import samplers
 
 # %% auto #0
-__all__ = ['WEIGHTS_DIR', 'CARD_FORMAT', 'CARD_VERSION', 'build_model', 'build_schedule', 'schedule_spec', 'save_pretrained',
-           'available', 'Pretrained', 'load', 'ddpm_timesteps', 'generate']
+__all__ = ['WEIGHTS_DIR', 'CARD_FORMAT', 'CARD_VERSION', 'SAMPLING_KEYS', 'SAMPLING_DEFAULTS', 'build_model', 'build_schedule',
+           'schedule_spec', 'sampling_settings', 'check_sampling', 'save_pretrained', 'available', 'Pretrained', 'load',
+           'ddpm_timesteps', 'generate']
 
 # %% ../nbs/15_pretrained.ipynb #429eccdd
 WEIGHTS_DIR = Path(importlib.util.find_spec('diffcourse').origin).parent/'weights'   # where the shipped weights live
@@ -59,6 +60,42 @@ def schedule_spec(schedule:NoiseSchedule, # a schedule made by `NoiseSchedule.li
         raise ValueError(f"the spec {spec} does not rebuild this schedule; pass its non-default arguments")
     return spec
 
+# %% ../nbs/15_pretrained.ipynb #c5a1d002
+SAMPLING_KEYS = ('sampler', 'steps', 'spacing', 'clip_sample', 'eta', 'variance', 'sigma_min', 'sigma_max', 'rho')   # what a card's `sampling` may set
+SAMPLING_DEFAULTS = {'sampler': 'ddpm', 'steps': None, 'spacing': 'leading', 'clip_sample': 1.0, 'eta': 0.0}   # without one: ancestral DDPM, all T steps
+
+def _default_steps(sampler, T): return T if sampler == 'ddpm' else 50
+
+def sampling_settings(card_sampling:dict|None=None, # a card's `sampling` entry (None: none)
+                      **overrides, # sampler=, steps=, spacing=, clip_sample=, eta=, ... ; None means 'not given' (clip_sample=False: no clamp)
+                     ) -> dict:
+    "The settings `generate` gets: `SAMPLING_DEFAULTS`, then the card's entry (dropped but for clip_sample when `sampler` names another), then the overrides."
+    card_sampling = dict(card_sampling or {})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if 'sampler' in given and given['sampler'] != card_sampling.get('sampler', SAMPLING_DEFAULTS['sampler']):
+        card_sampling = {k: v for k, v in card_sampling.items() if k == 'clip_sample'}
+    cfg = {**SAMPLING_DEFAULTS, **card_sampling, **given}
+    if 'clip_sample' in given: cfg['clip_sample'] = given['clip_sample'] or None          # False or 0: no clamp
+    return cfg
+
+def check_sampling(settings:dict, # sampler settings, as `sampling_settings` gives them (steps None: the default)
+                   schedule:NoiseSchedule, # the schedule they are for
+                  ) -> dict:
+    "`settings` if `samplers.sample` takes them for `schedule` (checked as it checks its arguments, without a model), else its ValueError."
+    cfg = {**SAMPLING_DEFAULTS, **settings}
+    steps = cfg['steps'] if cfg['steps'] is not None else _default_steps(cfg['sampler'], schedule.T)
+    samplers._check_sample_args(lambda x, t: x, schedule, torch.zeros(1, 1), cfg['sampler'], steps, cfg['eta'], cfg['spacing'], None,
+                                cfg.get('variance'), None, cfg['clip_sample'], cfg.get('sigma_min'), cfg.get('sigma_max'), cfg.get('rho', 7.0))
+    return settings
+
+def _check_sampling(entry, schedule:NoiseSchedule, where:str):
+    "A card's `sampling` entry, checked: known keys, and settings `samplers.sample` takes."
+    if not isinstance(entry, dict) or set(entry) - set(SAMPLING_KEYS):
+        raise ValueError(f"{where}: its 'sampling' entry must be a dict with keys from {SAMPLING_KEYS}; got {entry!r}")
+    try: check_sampling(sampling_settings(entry), schedule)
+    except (ValueError, TypeError) as e: raise ValueError(f"{where}: its 'sampling' entry cannot be used: {e}") from None
+    return entry
+
 # %% ../nbs/15_pretrained.ipynb #2db569b6
 def _write_atomic(path:Path, data:bytes):
     tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
@@ -81,7 +118,7 @@ def _fit_report(own:dict, # the state dict of the model to load into
                      (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)) if xs)
 
 def save_pretrained(model:nn.Module, # the model to ship (pass the EMA model)
-                    card:dict, # must hold 'model' (see `build_model`) and 'schedule' (see `build_schedule`), unless 'kind' is 'classifier'; anything else is kept
+                    card:dict, # must hold 'model' (see `build_model`) and 'schedule' (see `build_schedule`), unless 'kind' is 'classifier'; may hold 'sampling'; anything else is kept
                     name:str, # file name without extension, e.g. 'fmnist-ddpm'
                     folder:str|Path|None=None, # where to write; default the package's `WEIGHTS_DIR`
                     dtype:torch.dtype=torch.float16, # dtype of the stored floating-point tensors
@@ -93,6 +130,9 @@ def save_pretrained(model:nn.Module, # the model to ship (pass the EMA model)
     for k in ('model',) if card.get('kind') == 'classifier' else ('model', 'schedule'):   # a classifier has no schedule
         if k not in card: raise ValueError(f"card must hold {k!r}; got keys {sorted(card)}")
     if 'schedule' in card: build_schedule(card['schedule'])
+    if 'sampling' in card:
+        if 'schedule' not in card: raise ValueError("card['sampling'] needs a card['schedule']: a model without one cannot sample")
+        _check_sampling(card['sampling'], build_schedule(card['schedule']), 'card')
     folder = Path(WEIGHTS_DIR if folder is None else folder)
     folder.mkdir(parents=True, exist_ok=True)
     if not os.access(folder, os.W_OK): raise PermissionError(f"cannot write to {folder}")
@@ -136,14 +176,24 @@ class Pretrained:
         "(C, H, W) of the images the model makes."
         return tuple(self.card['data']['image_shape'])
 
+    @property
+    def sampling(self) -> dict:
+        "What `sample` uses unless told otherwise: the card's `sampling` entry over `SAMPLING_DEFAULTS`."
+        return sampling_settings(self.card.get('sampling'))
+
     def sample(self, n:int=16, # how many images
-               steps:int|None=None, # reverse steps; None: all T (see `generate`)
+               steps:int|None=None, # sampler steps; None: the card's, else all T for 'ddpm' and 50 for the others
                seed:int=0, # seeds the starting noise and every step's noise
-               **kwargs, # passed on to `generate`
+               sampler:str|None=None, # one of `samplers.SAMPLERS`; None: the card's, else 'ddpm'
+               spacing:str|None=None, # 'leading', 'trailing', 'linspace' or 'karras'; None: the card's, else 'leading'
+               clip_sample:float|bool|None=None, # clamp every x̂_0 to [-c, c]; False: no clamp; None: the card's, else 1.0
+               eta:float|None=None, # DDIM's η; None: the card's, else 0
+               **kwargs, # passed on to `generate` (callback=, progress=) and through it to `samplers.sample`
               ) -> torch.Tensor:
-        "`n` images (n, C, H, W) in about [-1, 1], by ancestral DDPM sampling."
+        "`n` images (n, C, H, W) in about [-1, 1], on the CPU: sampled as the card's `sampling` entry says (ancestral DDPM without one), each setting overridable."
         if self.schedule is None: raise ValueError(f"{self.name!r} has no noise schedule: it is not a diffusion model and cannot sample")
-        return generate(self.model, self.schedule, n, self.image_shape, steps=steps, seed=seed, **kwargs)
+        cfg = sampling_settings(self.card.get('sampling'), sampler=sampler, steps=steps, spacing=spacing, clip_sample=clip_sample, eta=eta)
+        return generate(self.model, self.schedule, n, self.image_shape, seed=seed, **cfg, **kwargs)
 
 def _read_card(f:Path) -> dict:
     "The model card in `f`, checked: JSON, this package's format, a version this code reads, a model entry."
@@ -183,7 +233,11 @@ def load(name:str, # one of `available()`, e.g. 'fmnist-ddpm'
     why = _fit_report(model.state_dict(), sd)
     if why: raise ValueError(f"{name}.safetensors does not fit the {card['model'].get('class')} its card describes: {why}")
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
-    return Pretrained(name, model.to(device=device, dtype=dtype).eval().requires_grad_(False), build_schedule(card['schedule']) if 'schedule' in card else None, card)
+    schedule = build_schedule(card['schedule']) if 'schedule' in card else None
+    if 'sampling' in card:
+        if schedule is None: raise ValueError(f"{name}.json has a 'sampling' entry but no 'schedule': a model without one cannot sample")
+        _check_sampling(card['sampling'], schedule, f'{name}.json')
+    return Pretrained(name, model.to(device=device, dtype=dtype).eval().requires_grad_(False), schedule, card)
 
 # %% ../nbs/15_pretrained.ipynb #40906836
 def ddpm_timesteps(T:int, # timesteps of the schedule
@@ -196,31 +250,38 @@ def ddpm_timesteps(T:int, # timesteps of the schedule
     ratio = T // steps
     return [i * ratio for i in range(steps)][::-1]
 
-@torch.no_grad()
+def _with_progress(callback, total:int):
+    "`callback` that also moves a progress bar of `total` steps (shown from the first step on, so a refused call shows none)."
+    from fastprogress.fastprogress import progress_bar
+    pb = []
+    def cb(i, t, x, x0):
+        if not pb: pb.append(progress_bar(range(total))); pb[0].update(0)
+        pb[0].update(i + 1)
+        if callback is not None: callback(i, t, x, x0)
+    return cb
+
 def generate(model:nn.Module, # ε-predictor, model(x_t, t)
              schedule:NoiseSchedule, # the schedule it was trained with
              n:int, # how many images
              image_shape:tuple, # (C, H, W)
-             steps:int|None=None, # reverse steps; None: all T
+             steps:int|None=None, # sampler steps; None: all T for 'ddpm', 50 for the others
              seed:int=0, # seeds the starting noise and every step's noise
              callback=None, # called as callback(i, t, x_t, x0_hat) after each step (x_t is then x at the next timestep)
              progress:bool=False, # show a progress bar
              clip_sample:float|None=1.0, # clamp each x0 estimate to [-1, 1] (images live there); None leaves it
+             sampler:str='ddpm', # one of `samplers.SAMPLERS`; 'ddpm' is the ancestral sampler
+             spacing:str='leading', # 'leading', 'trailing', 'linspace' or 'karras' (see `samplers.sample`)
+             eta:float=0.0, # DDIM's η (sampler 'ddim' only)
+             **kwargs, # passed on to `samplers.sample` (e.g. variance=, sigma_max=, labels=)
             ) -> torch.Tensor:
-    "Ancestral DDPM sampling with `steps` evenly spaced steps; returns x_0, (n, C, H, W), on the CPU."
+    "`n` images by `samplers.sample` from noise seeded by `seed` (ancestral DDPM at evenly spaced steps by default); returns x_0, (n, C, H, W), on the CPU."
     if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f"n must be a positive int; got {n!r}")
     if len(image_shape) != 3: raise ValueError(f"image_shape must be (C, H, W); got {image_shape!r}")
+    if steps is None: steps = _default_steps(sampler, schedule.T)
     p = next(model.parameters())
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((n, *image_shape), generator=g).to(p.device, p.dtype)
-    ts = ddpm_timesteps(schedule.T, steps)
-    it = enumerate(ts)
-    if progress:
-        from fastprogress.fastprogress import progress_bar
-        it = progress_bar(list(it))
-    for i, t in it:
-        prev = ts[i + 1] if i + 1 < len(ts) else -1
-        noise = torch.randn(x.shape, generator=g).to(p.device, p.dtype)
-        x, x0 = ddpm_step(model, schedule, x, t, noise=noise, prev_t=prev, clip_sample=clip_sample)
-        if callback is not None: callback(i, t, x, x0)
-    return x.float().cpu()
+    if progress and isinstance(steps, int) and steps >= 1: callback = _with_progress(callback, steps)
+    out = samplers.sample(model, schedule, x, sampler=sampler, steps=steps, spacing=spacing, eta=eta, generator=g,
+                          callback=callback, clip_sample=clip_sample, **kwargs)
+    return out.float().cpu()

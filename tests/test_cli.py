@@ -18,6 +18,11 @@ def run_cli(*args):
     (['sample', '--ckpt', 'no/such/run'], "neither a checkpoint folder nor a shipped model"),
     (['export', '--ckpt', 'no/such/run'], "ckpt: no checkpoint at"),
     (['sample'], "ckpt is required"),
+    (['sample', '--ckpt', 'fmnist-ddpm', '--sampler', 'plms'], "sampler must be one of ddpm, ddim, euler, euler_a, heun, dpmpp_2m; got 'plms'"),
+    (['sample', '--ckpt', 'fmnist-ddpm', '--spacing', 'uniform'], "spacing must be one of leading, trailing, linspace, karras; got 'uniform'"),
+    (['sample', '--ckpt', 'fmnist-ddpm', '--sampler', 'euler', '--eta', '0.5'], "eta applies to sampler='ddim' only"),
+    (['sample', '--ckpt', 'fmnist-ddpm', '--sampler', 'ddim', '--spacing', 'karras'], "spacing='karras' places the noise levels"),
+    (['sample', '--ckpt', 'fmnist-ddpm', '--clip_sample', '-1'], "clip_sample must be a number >= 0 (0: no clamp); got -1.0"),
 ])
 def test_cli_errors(args, msg, capsys):
     with pytest.raises(SystemExit) as e: main(args)
@@ -71,3 +76,36 @@ def test_main_runs_a_command(tmp_path):
     main(['train', '--model', 'conv', '--steps', '2', '--out', str(tmp_path/'r'), '--batch_size', '4', '--channels', '8,16',
           '--n_data', '16', '--n_samples', '1', '--sample_steps', '1'])
     assert (tmp_path/'r'/'samples.png').is_file() and (tmp_path/'r'/'latest').is_file()
+
+
+@pytest.mark.filterwarnings(r"ignore:sample\(\) starts at t=:UserWarning")   # heun from σ = 20,291, unclipped, on purpose
+def test_sample_with_any_sampler(tmp_path):
+    "The sampler options reach `samplers.sample`: the grid is the one `generate` draws with the same settings."
+    from diffcourse.pretrained import load, generate
+    from diffcourse.cli import save_grid
+    torch.set_num_threads(1)
+    pre = load('fmnist-ddpm')
+    for kw, expect in [(dict(sampler='dpmpp_2m', steps=4, spacing='trailing'), dict(sampler='dpmpp_2m', steps=4, spacing='trailing')),
+                       (dict(sampler='heun', steps=3, spacing='karras', clip_sample=0), dict(sampler='heun', steps=3, spacing='karras', clip_sample=None)),
+                       (dict(sampler='ddim', eta=0.5, steps=3), dict(sampler='ddim', eta=0.5, steps=3)),
+                       (dict(steps=3), dict(steps=3))]:                      # the card's settings (ancestral DDPM without an entry)
+        png = sample('fmnist-ddpm', n=2, seed=5, out=str(tmp_path / 'a.png'), progress=False, **kw)
+        ref = save_grid(pre.sample(n=2, seed=5, **{k: v for k, v in expect.items() if k != 'clip_sample'},
+                                   **({'clip_sample': False} if 'clip_sample' in expect else {})), tmp_path / 'b.png')
+        assert png.read_bytes() == ref.read_bytes(), kw
+        ref2 = save_grid(generate(pre.model, pre.schedule, 2, pre.image_shape, seed=5, **{**pre.sampling, **expect}), tmp_path / 'c.png')
+        assert png.read_bytes() == ref2.read_bytes(), kw
+
+def test_sample_options_in_a_shell(tmp_path):
+    r = run_cli('sample', '--ckpt', 'fmnist-ddpm', '--n', '2', '--steps', '3', '--sampler', 'euler', '--spacing', 'karras',
+                '--out', str(tmp_path / 'g.png'))
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert Image.open(tmp_path / 'g.png').size[0] > 0 and 'sampler euler, steps 3, spacing karras' in r.stdout
+
+def test_sampler_options_refused_before_anything_runs(tmp_path, capsys):
+    "A combination `samplers.sample` refuses fails before the settings line, the progress bar and the grid."
+    for kw, msg in [(dict(sampler='euler', eta=0.5), "eta applies to sampler='ddim' only"),
+                    (dict(sampler='dpmpp_2m', spacing='linspace', steps=1000), "at most T-1"),
+                    (dict(sampler='heun', spacing='karras', steps=0), "steps must be a positive int")]:
+        with pytest.raises(ValueError, match=msg): sample('fmnist-ddpm', out=str(tmp_path / 'g.png'), progress=True, **kw)
+        assert 'sampling' not in capsys.readouterr().out and not (tmp_path / 'g.png').exists()

@@ -267,6 +267,15 @@ def test_speed_settings_by_name_and_measured():
     best = fastest_setting([{'setting': 'fp32', 'images_per_s': 10.}, {'setting': 'bf16', 'images_per_s': 17.}], printer=said.append)
     assert best == 'bf16' and said == ['speed: fp32 10 img/s, bf16 17 img/s; using bf16']
     with pytest.raises(ValueError, match='rows is empty'): fastest_setting([])
+    # compilation: faster steps after a slow first one pay only over a long enough run
+    rows = [{'setting': 'bf16', 'images_per_s': 100., 'first_step_s': 0.5, 'batch': 64},
+            {'setting': 'bf16+compile', 'images_per_s': 110., 'first_step_s': 60., 'batch': 64}]
+    assert fastest_setting(rows, printer=None) == 'bf16+compile'
+    assert fastest_setting(rows, printer=None, steps=100) == 'bf16'               # 64 s against 118 s
+    assert fastest_setting(rows, printer=None, steps=100_000) == 'bf16+compile'
+    assert fastest_setting(rows, printer=None, seconds=600) == 'bf16'              # 937 steps against 790
+    assert fastest_setting(rows, printer=None, seconds=6000) == 'bf16+compile'
+    with pytest.raises(ValueError, match='steps or seconds, not both'): fastest_setting(rows, steps=1, seconds=1)
     with pytest.raises(ValueError, match='parts from'): measure_speed(model, batch, lambda m, b: 0, settings=['fp64'])
 
 def test_progress_in_a_terminal(capsys):
