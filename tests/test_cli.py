@@ -80,20 +80,22 @@ def test_main_runs_a_command(tmp_path):
 
 @pytest.mark.filterwarnings(r"ignore:sample\(\) starts at t=:UserWarning")   # heun from σ = 20,291, unclipped, on purpose
 def test_sample_with_any_sampler(tmp_path):
-    "The sampler options reach `samplers.sample`: the grid is the one `generate` draws with the same settings."
+    "The sampler options reach `samplers.sample`: the grid is the one `generate` draws with the same settings, spelled out."
     from diffcourse.pretrained import load, generate
     from diffcourse.cli import save_grid
     torch.set_num_threads(1)
     pre = load('fmnist-ddpm')
-    for kw, expect in [(dict(sampler='dpmpp_2m', steps=4, spacing='trailing'), dict(sampler='dpmpp_2m', steps=4, spacing='trailing')),
-                       (dict(sampler='heun', steps=3, spacing='karras', clip_sample=0), dict(sampler='heun', steps=3, spacing='karras', clip_sample=None)),
-                       (dict(sampler='ddim', eta=0.5, steps=3), dict(sampler='ddim', eta=0.5, steps=3)),
-                       (dict(steps=3), dict(steps=3))]:                      # the card's settings (ancestral DDPM without an entry)
+    assert pre.card['sampling'] == {'sampler': 'dpmpp_2m', 'steps': 20, 'spacing': 'trailing', 'clip_sample': 1.0}
+    for kw, full in [(dict(sampler='dpmpp_2m', steps=4, spacing='trailing'), dict(sampler='dpmpp_2m', steps=4, spacing='trailing', clip_sample=1.0)),
+                     (dict(sampler='heun', steps=3, spacing='karras', clip_sample=0), dict(sampler='heun', steps=3, spacing='karras', clip_sample=None)),
+                     # another sampler: the card's spacing is its own, its clipping stays
+                     (dict(sampler='ddim', eta=0.5, steps=3), dict(sampler='ddim', eta=0.5, steps=3, spacing='leading', clip_sample=1.0)),
+                     (dict(steps=3), dict(sampler='dpmpp_2m', steps=3, spacing='trailing', clip_sample=1.0))]:   # the card's recipe
         png = sample('fmnist-ddpm', n=2, seed=5, out=str(tmp_path / 'a.png'), progress=False, **kw)
-        ref = save_grid(pre.sample(n=2, seed=5, **{k: v for k, v in expect.items() if k != 'clip_sample'},
-                                   **({'clip_sample': False} if 'clip_sample' in expect else {})), tmp_path / 'b.png')
+        ref = save_grid(pre.sample(n=2, seed=5, **{k: v for k, v in kw.items() if k != 'clip_sample'},
+                                   **({'clip_sample': False} if 'clip_sample' in kw else {})), tmp_path / 'b.png')
         assert png.read_bytes() == ref.read_bytes(), kw
-        ref2 = save_grid(generate(pre.model, pre.schedule, 2, pre.image_shape, seed=5, **{**pre.sampling, **expect}), tmp_path / 'c.png')
+        ref2 = save_grid(generate(pre.model, pre.schedule, 2, pre.image_shape, seed=5, **full), tmp_path / 'c.png')
         assert png.read_bytes() == ref2.read_bytes(), kw
 
 def test_sample_options_in_a_shell(tmp_path):
