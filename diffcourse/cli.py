@@ -16,7 +16,7 @@ from .schedules import NoiseSchedule
 from .ddpm import DiffusionLoss
 from .data import get_dataloader, pad_images
 from .learner import (Learner, Callback, CancelFitException, EMACB, CheckpointCB, CosineCB, ProgressCB, read_checkpoint,
-                                speed_cbs, measure_speed, fastest_setting)
+                                speed_cbs, speed_settings, measure_speed, fastest_setting)
 from .pretrained import build_model, build_schedule, schedule_spec, save_pretrained, generate, load as load_pretrained, available, sampling_settings, check_sampling, _default_steps
 from .samplers import SAMPLERS, SPACINGS
 
@@ -217,7 +217,7 @@ def train(model:str='resattn', # the UNet: one of `MODELS` (conv, res, resattn)
           n_data:int|None=None, # train on a fixed subset of this many images
           threads:int|None=None, # torch CPU threads (None: torch's default)
           device:str|None=None, # cpu, cuda, mps (None: the best available)
-          speed:str='auto', # 'auto' (measure and pick the fastest), or a setting such as 'fp32', 'bf16', 'bf16+channels_last' (see `speed_cbs`)
+          speed:str='auto', # 'auto' (measure, pick the fastest for this run), 'auto+compile' (torch.compile too), or a setting such as 'bf16' (see `speed_cbs`)
           n_samples:int=16, # images in samples.png
           sample_steps:int=100, # DDPM steps for samples.png
           progress:bool=True, # show a progress bar (steps) or print progress lines (minutes)
@@ -231,9 +231,9 @@ def train(model:str='resattn', # the UNet: one of `MODELS` (conv, res, resattn)
     for k in ('batch_size', 'T', 'n_samples', 'sample_steps'): _count(k, args[k])
     for k in ('ckpt_every', 'size', 'n_data', 'threads'): _count(k, args[k], none_ok=True)
     _positive('ckpt_minutes', ckpt_minutes, none_ok=True)
-    if speed != 'auto':
+    if speed not in ('auto', 'auto+compile'):
         try: speed_cbs(speed)
-        except (TypeError, ValueError) as e: raise ValueError(f"speed must be 'auto' or a setting: {e}") from None
+        except (TypeError, ValueError) as e: raise ValueError(f"speed must be 'auto', 'auto+compile' or a setting: {e}") from None
     if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= ema < 1: raise ValueError(f"ema must be a number in [0, 1), the EMA's largest decay; got {ema!r}")
     if sample_steps > T: raise ValueError(f"sample_steps must be at most T={T}; got {sample_steps}")
     out = _writable_dir(out)                         # all checked before anything is written or loaded
@@ -250,9 +250,10 @@ def train(model:str='resattn', # the UNet: one of `MODELS` (conv, res, resattn)
         raise ValueError(f"size: images are {image_shape[-1]}x{image_shape[-1]} but this UNet needs multiples of {net.size_multiple}; pass --size")
     dl = get_dataloader(data, batch_size=batch_size, shuffle=True, seed=seed, drop_last=True)
     loss_func = DiffusionLoss(sched)
-    if speed == 'auto':                            # timed on copies, with the random state put back: the run is unchanged
+    if speed.startswith('auto'):                   # timed on copies, with the random state put back: the run is unchanged
         batch = (data.images[:batch_size].to(dev), data.labels[:batch_size].to(dev))
-        speed = fastest_setting(measure_speed(net, batch, loss_func), printer=print if progress else None)
+        rows = measure_speed(net, batch, loss_func, settings=speed_settings(dev, compile=speed == 'auto+compile'))
+        speed = fastest_setting(rows, printer=print if progress else None, steps=steps, seconds=minutes * 60 if minutes else None)
         args['speed'] = speed                      # the command on record names the setting it used
     always = ('model', 'dataset', 'batch_size', 'lr', 'seed', 'schedule', 'T', 'ema')   # spelled out even when default
     defaults = {k: v.default for k, v in inspect.signature(train).parameters.items() if k not in always}
@@ -386,7 +387,7 @@ def diffcourse_train(model:str='resattn', # the UNet: conv, res or resattn
                      n_data:int=None, # train on a subset of this many images
                      threads:int=None, # torch CPU threads
                      device:str=None, # cpu, cuda or mps
-                     speed:str='auto', # auto (measure, use the fastest), fp32, bf16, channels_last, bf16+channels_last (+compile)
+                     speed:str='auto', # auto (measure, use the fastest), auto+compile, fp32, bf16, channels_last, bf16+channels_last (+compile)
                      n_samples:int=16, # images in samples.png
                      sample_steps:int=100, # DDPM steps for samples.png
                     ):

@@ -179,7 +179,7 @@ BAD = [
     ('cli-train-batch_size', lambda tmp: cli.train(steps=1, batch_size=0, out=str(tmp / 'run')), ValueError,
      ["batch_size must be a positive int", "got 0"]),
     ('cli-train-speed', lambda tmp: cli.train(steps=1, speed='turbo', out=str(tmp / 'run')), ValueError,
-     ["speed must be 'auto' or a setting", "'turbo'"]),
+     ["speed must be 'auto', 'auto+compile' or a setting", "'turbo'"]),
     ('learner-speed-setting', lambda tmp: speed_cbs('fp64'), ValueError, ["setting must be 'fp32' or parts from", "'fp64'"]),
     ('learner-mixed-precision-dtype', lambda tmp: MixedPrecisionCB('fp8'), ValueError, ["dtype must be 'bf16' or 'fp16'", "'fp8'"]),
     ('cli-sample-unknown-ckpt', lambda tmp: cli.sample('fmnist-gan', out=str(tmp / 'g.png')), ValueError,
