@@ -17,17 +17,27 @@ from nbdev.quarto import proc_nbs
 
 
 def _frontmatter(src: str) -> dict:
-    "Parse the `---` YAML-ish block nbdev puts in a raw cell: title and description."
-    out = {}
-    for line in src.strip().strip('-').splitlines():
-        if ':' in line:
-            k, v = line.split(':', 1)
-            out[k.strip()] = v.strip().strip("'\"")
-    return out
+    "Parse the `---` YAML block nbdev puts in a raw cell (title, description, ...), wrapped lines and all."
+    import yaml
+    body = src.strip()
+    if body.startswith('---'): body = body[3:]
+    if body.rstrip().endswith('---'): body = body.rstrip()[:-3]
+    out = yaml.safe_load(body) or {}
+    return out if isinstance(out, dict) else {}
 
 
-def readme_from(nb_path: Path) -> str:
-    "Markdown for README.md from a processed notebook: title, description, prose, code and text outputs."
+README_IMAGES = 'images/readme'   # figures of the README, beside it in the repository
+
+
+def _hidden_source(src: str) -> bool:
+    "A cell whose code the docs do not show (`#| echo: false`, `#| hide`)."
+    flags = [l.replace(' ', '') for l in src.splitlines() if l.startswith('#|')]
+    return any(f in ('#|echo:false', '#|hide', '#|include:false') for f in flags)
+
+
+def readme_from(nb_path: Path, images: dict | None = None) -> str:
+    "Markdown for README.md from a processed notebook: title, description, prose, shown code, text and image outputs."
+    import base64
     nb = json.loads(nb_path.read_text())
     parts = []
     for cell in nb['cells']:
@@ -35,14 +45,20 @@ def readme_from(nb_path: Path) -> str:
         if cell['cell_type'] == 'raw' and src.startswith('---'):
             fm = _frontmatter(src)
             if 'title' in fm: parts.append(f"# {fm['title']}")
-            if 'description' in fm: parts.append(f"> {fm['description']}")
+            if 'description' in fm: parts.append(f"> {' '.join(str(fm['description']).split())}")
         elif cell['cell_type'] == 'markdown':
             if src: parts.append(src)
         elif cell['cell_type'] == 'code':
-            if src: parts.append(f"```python\n{src}\n```")
+            if src and not _hidden_source(src): parts.append(f"```python\n{src}\n```")
             for o in cell.get('outputs', []):
-                if any(k.startswith('image/') for k in o.get('data', {})): continue  # figures live in the docs site
-                text = o.get('text') or o.get('data', {}).get('text/markdown') or o.get('data', {}).get('text/plain')
+                data = o.get('data', {})
+                if 'image/png' in data and images is not None:       # figures go to files the README links to
+                    name = f"{README_IMAGES}/{nb_path.stem}-{len(images) + 1}.png"
+                    images[name] = base64.b64decode(''.join(data['image/png']))
+                    parts.append(f"![]({name})")
+                    continue
+                if any(k.startswith('image/') for k in data): continue
+                text = o.get('text') or data.get('text/markdown') or data.get('text/plain')
                 if text: parts.append("```\n" + ''.join(text).rstrip() + "\n```")
     return '\n\n'.join(parts) + '\n'
 
@@ -80,17 +96,25 @@ def main():
         return
     proc = Path(proc_nbs(cfg.nbs_path, n_workers=0, force=True))
     print(f"processed {len(list(proc.glob('*.ipynb')))} notebooks into {proc}")
-    readme = readme_from(proc / cfg.readme_nb)
+    images = {}
+    readme = readme_from(proc / cfg.readme_nb, images)
     target = cfg.config_path / 'README.md'
     if args.check_readme:
         old = target.read_text() if target.exists() else ''
         if old != readme:
             sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), readme.splitlines(True), 'README.md', 'from nbs/index.ipynb', n=1))
             sys.exit("FAIL: README.md differs from nbs/index.ipynb: run `python tools/docs.py` and commit README.md")
-        print('README.md matches nbs/index.ipynb')
+        stale = [n for n, b in images.items() if not (cfg.config_path / n).exists() or (cfg.config_path / n).read_bytes() != b]
+        if stale: sys.exit(f"FAIL: README figures differ from nbs/index.ipynb's outputs: {stale}; run `python tools/docs.py` and commit them")
+        print('README.md and its figures match nbs/index.ipynb')
     else:
         target.write_text(readme)
-        print('wrote', target)
+        folder = cfg.config_path / README_IMAGES
+        for old in folder.glob('*.png') if folder.exists() else []:
+            if f"{README_IMAGES}/{old.name}" not in images: old.unlink()
+        for n, b in images.items():
+            (cfg.config_path / n).parent.mkdir(parents=True, exist_ok=True); (cfg.config_path / n).write_bytes(b)
+        print('wrote', target, 'and', len(images), 'figure(s)')
     if args.html: render_html(proc, cfg.config_path / '_docs_html')
 
 
