@@ -688,3 +688,58 @@ def test_step_functions_check_inputs():
         euler_update(x, x[:1], 1.0, 0.5)
     with pytest.raises(ValueError, match="sigma must be > 0"):
         euler_update(x, x, 0.0, 0.0)
+
+
+# --- restored: clip_sample against diffusers, and the samplers' relations (dropped by mistake when the Karras tests came in) ---
+
+CLIP_REF = {"ddim": (DDIMScheduler, dict(clip_sample=True, clip_sample_range=1.0)),
+            "heun": (HeunDiscreteScheduler, dict(clip_sample=True, clip_sample_range=1.0)),
+            "ddpm": (DDPMScheduler, dict(clip_sample=True, clip_sample_range=1.0, variance_type="fixed_large"))}
+
+
+@pytest.mark.parametrize("sampler", list(CLIP_REF))
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_clip_sample_matches_diffusers(name, sampler):
+    sched, x = SCHEDULES[name], noise()
+    cls, kw = CLIP_REF[sampler]
+    spacings = {"ddim": ("leading", "trailing"), "heun": SPACINGS, "ddpm": ("leading", "linspace")}[sampler]
+    for spacing in spacings:
+        for steps in (5, 50):
+            ref = cls(num_train_timesteps=1000, trained_betas=sched.betas.numpy(), timestep_spacing=spacing, **kw)
+            ref.alphas_cumprod = sched.alphas_cumprod.clone()
+            gen = (lambda: torch.Generator().manual_seed(1)) if sampler == "ddpm" else (lambda: None)
+            ours = sample(dummy_model, sched, x, sampler=sampler, steps=steps, spacing=spacing, clip_sample=1.0, generator=gen())
+            theirs = ref_loop(ref, x, steps, generator=gen())
+            assert_close(ours, theirs)
+            assert ours.abs().max() <= 1.0 + 1e-6 or sampler == "heun"   # Heun's last step is an Euler step from x̂_0's slope
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_clip_sample_bites_and_a_wide_clip_changes_nothing(sampler):
+    sched, x = SCHEDULES["cosine"], noise()
+    kw = dict(sampler=sampler, steps=10, spacing="trailing")
+    plain = sample(dummy_model, sched, x, generator=torch.Generator().manual_seed(0), **kw)
+    wide = sample(dummy_model, sched, x, clip_sample=1e30, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(plain, wide)
+    clipped = sample(dummy_model, sched, x, clip_sample=1.0, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.isfinite(clipped).all() and not torch.equal(clipped, plain)
+
+
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_ddim_is_euler_in_sigma_space(name):
+    "DDIM (η=0) and Euler are one method in two coordinates: with 'leading' (exact start sqrt(σ²+1)) they agree."
+    sched, x = SCHEDULES[name], noise()
+    for steps in (5, 50):
+        assert_close(sample(dummy_model, sched, x, sampler="euler", steps=steps),
+                     sample(dummy_model, sched, x, sampler="ddim", steps=steps), rtol=2e-6 * 10)
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_ddim_eta_one_is_ddpm_with_posterior_variance(spacing):
+    sched, x = SCHEDULES["linear"], noise()
+    a = sample(dummy_model, sched, x, sampler="ddim", eta=1.0, steps=20, spacing=spacing, generator=torch.Generator().manual_seed(4))
+    b = sample(dummy_model, sched, x, sampler="ddpm", variance="posterior", steps=20, spacing=spacing, generator=torch.Generator().manual_seed(4))
+    assert_close(a, b)
+
