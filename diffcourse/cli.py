@@ -21,8 +21,8 @@ from .pretrained import build_model, build_schedule, schedule_spec, save_pretrai
 from .samplers import SAMPLERS, SPACINGS
 
 # %% auto #0
-__all__ = ['MODELS', 'DATASETS', 'model_spec', 'load_images', 'TimeBudgetCB', 'SampleGridCB', 'save_grid', 'train', 'sample',
-           'export', 'diffcourse_train', 'diffcourse_sample', 'diffcourse_export', 'main']
+__all__ = ['MODELS', 'DATASETS', 'model_spec', 'load_images', 'TimeBudgetCB', 'SampleGridCB', 'save_grid', 'train_command',
+           'sample_command', 'export_command', 'diffcourse_train', 'diffcourse_sample', 'diffcourse_export', 'main']
 
 # %% ../nbs/16_cli.ipynb #6592a65f
 MODELS = {'conv': 'ConvUNet', 'res': 'ResUNet', 'resattn': 'ResAttnUNet'}   # short name -> class in diffcourse.unet
@@ -198,30 +198,30 @@ def _command(prog:str, args:dict, defaults:dict) -> str:
     return ' '.join(parts)
 
 # %% ../nbs/16_cli.ipynb #671645a0
-def train(model:str='resattn', # the UNet: one of `MODELS` (conv, res, resattn)
-          dataset:str='fmnist', # the images: one of `DATASETS` (fmnist, mnist, emoji, cifar10)
-          steps:int|None=None, # optimizer steps (give this or `minutes`)
-          minutes:float|None=None, # or: train for this much wall time
-          out:str='runs/ddpm', # folder for checkpoints and samples.png
-          batch_size:int=64, # images per step
-          lr:float=2e-3, # peak learning rate (AdamW)
-          seed:int=0, # seeds the model, the data order, timesteps and noise
-          schedule:str='cosine', # the noise schedule: linear, cosine or sigmoid
-          T:int=1000, # diffusion timesteps
-          ema:float=0.999, # the EMA's largest decay (it warms up toward this)
-          ckpt_every:int|None=None, # checkpoint every this many steps
-          ckpt_minutes:float|None=None, # and/or every this many minutes
-          channels:str|None=None, # UNet widths per level, e.g. '32,64,128' (default: the class's)
-          model_kwargs:str|None=None, # more UNet arguments as JSON, e.g. '{"num_res": 2}'
-          size:int|None=None, # pad images to this size (default: 28 for grey sets, 32 for colour)
-          n_data:int|None=None, # train on a fixed subset of this many images
-          threads:int|None=None, # torch CPU threads (None: torch's default)
-          device:str|None=None, # cpu, cuda, mps (None: the best available)
-          speed:str='auto', # 'auto' (measure, pick the fastest for this run), 'auto+compile' (torch.compile too), or a setting such as 'bf16' (see `speed_cbs`)
-          n_samples:int=16, # images in samples.png
-          sample_steps:int=100, # DDPM steps for samples.png
-          progress:bool=True, # show a progress bar (steps) or print progress lines (minutes)
-         ) -> dict:
+def train_command(model:str='resattn', # the UNet: one of `MODELS` (conv, res, resattn)
+                  dataset:str='fmnist', # the images: one of `DATASETS` (fmnist, mnist, emoji, cifar10)
+                  steps:int|None=None, # optimizer steps (give this or `minutes`)
+                  minutes:float|None=None, # or: train for this much wall time
+                  out:str='runs/ddpm', # folder for checkpoints and samples.png
+                  batch_size:int=64, # images per step
+                  lr:float=2e-3, # peak learning rate (AdamW)
+                  seed:int=0, # seeds the model, the data order, timesteps and noise
+                  schedule:str='cosine', # the noise schedule: linear, cosine or sigmoid
+                  T:int=1000, # diffusion timesteps
+                  ema:float=0.999, # the EMA's largest decay (it warms up toward this)
+                  ckpt_every:int|None=None, # checkpoint every this many steps
+                  ckpt_minutes:float|None=None, # and/or every this many minutes
+                  channels:str|None=None, # UNet widths per level, e.g. '32,64,128' (default: the class's)
+                  model_kwargs:str|None=None, # more UNet arguments as JSON, e.g. '{"num_res": 2}'
+                  size:int|None=None, # pad images to this size (default: 28 for grey sets, 32 for colour)
+                  n_data:int|None=None, # train on a fixed subset of this many images
+                  threads:int|None=None, # torch CPU threads (None: torch's default)
+                  device:str|None=None, # cpu, cuda, mps (None: the best available)
+                  speed:str='auto', # 'auto' (measure, pick the fastest for this run), 'auto+compile' (torch.compile too), or a setting such as 'bf16' (see `speed_cbs`)
+                  n_samples:int=16, # images in samples.png
+                  sample_steps:int=100, # DDPM steps for samples.png
+                  progress:bool=True, # show a progress bar (steps) or print progress lines (minutes)
+                 ) -> dict:
     "Train a UNet with the DDPM objective; write checkpoints and a sample grid into `out`. Returns a summary."
     args = dict(locals())
     _choice('model', model, tuple(MODELS)); _choice('dataset', dataset, DATASETS)
@@ -256,7 +256,7 @@ def train(model:str='resattn', # the UNet: one of `MODELS` (conv, res, resattn)
         speed = fastest_setting(rows, printer=print if progress else None, steps=steps, seconds=minutes * 60 if minutes else None)
         args['speed'] = speed                      # the command on record names the setting it used
     always = ('model', 'dataset', 'batch_size', 'lr', 'seed', 'schedule', 'T', 'ema')   # spelled out even when default
-    defaults = {k: v.default for k, v in inspect.signature(train).parameters.items() if k not in always}
+    defaults = {k: v.default for k, v in inspect.signature(train_command).parameters.items() if k not in always}
     record = {'model': spec, 'schedule': sched_spec, 'data': {'dataset': dataset, 'image_shape': list(image_shape), 'n_images': len(data)},
               'training': {k: args[k] for k in ('steps', 'minutes', 'batch_size', 'lr', 'seed', 'ema', 'threads', 'speed')},
               'command': _command('diffcourse_train', {k: v for k, v in args.items() if k not in ('progress',)}, defaults)}
@@ -277,7 +277,7 @@ def train(model:str='resattn', # the UNet: one of `MODELS` (conv, res, resattn)
 
 # %% ../nbs/16_cli.ipynb #f41d0436
 def _from_checkpoint(ckpt, ema:bool=True):
-    "(model, schedule, record, checkpoint dict) from a checkpoint written by `train`."
+    "(model, schedule, record, checkpoint dict) from a checkpoint written by `train_command`."
     try: ck = read_checkpoint(ckpt)
     except FileNotFoundError as e: raise ValueError(f"ckpt: {e}") from None
     rec = ck['meta'].get('config', {}).get('diffcourse')
@@ -296,20 +296,20 @@ def _sampling_args(sampler, spacing, eta, clip_sample):
     if clip_sample is not None and (isinstance(clip_sample, bool) or not isinstance(clip_sample, (int, float)) or not 0 <= clip_sample < math.inf):
         raise ValueError(f"clip_sample must be a number >= 0 (0: no clamp); got {clip_sample!r}")
 
-def sample(ckpt:str, # a run folder, a checkpoint folder, or a shipped model's name (see `pretrained.available`)
-           n:int=64, # how many images
-           steps:int|None=None, # sampler steps (None: the shipped model's card, else all T for ddpm and 50 for the others)
-           out:str='samples.png', # the PNG grid to write
-           seed:int=0, # seeds the noise
-           nrow:int|None=None, # images per row (None: about square)
-           raw:bool=False, # use the raw weights instead of the EMA
-           threads:int|None=None, # torch CPU threads
-           progress:bool=True, # show a progress bar
-           sampler:str|None=None, # one of `samplers.SAMPLERS` (None: the shipped model's card, else ddpm)
-           spacing:str|None=None, # leading, trailing, linspace or karras (None: the card's, else leading)
-           eta:float|None=None, # DDIM's η in [0, 1] (None: the card's, else 0)
-           clip_sample:float|None=None, # clamp every x̂_0 to [-c, c], 0 for none (None: the card's, else 1.0)
-          ) -> Path:
+def sample_command(ckpt:str, # a run folder, a checkpoint folder, or a shipped model's name (see `pretrained.available`)
+                   n:int=64, # how many images
+                   steps:int|None=None, # sampler steps (None: the shipped model's card, else all T for ddpm and 50 for the others)
+                   out:str='samples.png', # the PNG grid to write
+                   seed:int=0, # seeds the noise
+                   nrow:int|None=None, # images per row (None: about square)
+                   raw:bool=False, # use the raw weights instead of the EMA
+                   threads:int|None=None, # torch CPU threads
+                   progress:bool=True, # show a progress bar
+                   sampler:str|None=None, # one of `samplers.SAMPLERS` (None: the shipped model's card, else ddpm)
+                   spacing:str|None=None, # leading, trailing, linspace or karras (None: the card's, else leading)
+                   eta:float|None=None, # DDIM's η in [0, 1] (None: the card's, else 0)
+                   clip_sample:float|None=None, # clamp every x̂_0 to [-c, c], 0 for none (None: the card's, else 1.0)
+                 ) -> Path:
     "Draw `n` samples from a checkpoint or a shipped model (as its card says, or by ancestral DDPM) and save them as a PNG grid."
     if not ckpt: raise ValueError("ckpt is required: a run folder, a checkpoint folder or a shipped model's name (--ckpt PATH)")
     _count('n', n); _count('steps', steps, none_ok=True); _count('nrow', nrow, none_ok=True); _count('threads', threads, none_ok=True)
@@ -332,13 +332,13 @@ def sample(ckpt:str, # a run folder, a checkpoint folder, or a shipped model's n
     x = generate(model, sched, n, shape, seed=seed, progress=progress, **cfg)
     return save_grid(x, out, nrow=nrow)
 
-def export(ckpt:str, # a run folder or a checkpoint folder written by `train`
-           name:str='fmnist-ddpm', # the shipped model's name
-           folder:str|None=None, # where to write (default: the package's weights folder)
-           raw:bool=False, # ship the raw weights instead of the EMA
-           max_mb:float=5.0, # refuse weights larger than this
-           notes:str|None=None, # a sentence for the card (e.g. how good the samples are)
-          ) -> Path:
+def export_command(ckpt:str, # a run folder or a checkpoint folder written by `train_command`
+                   name:str='fmnist-ddpm', # the shipped model's name
+                   folder:str|None=None, # where to write (default: the package's weights folder)
+                   raw:bool=False, # ship the raw weights instead of the EMA
+                   max_mb:float=5.0, # refuse weights larger than this
+                   notes:str|None=None, # a sentence for the card (e.g. how good the samples are)
+                 ) -> Path:
     "Write a checkpoint's EMA weights as float16 safetensors plus a JSON model card; returns the weights' path."
     if not ckpt: raise ValueError("ckpt is required: a run folder or a checkpoint folder written by diffcourse_train (--ckpt PATH)")
     if folder is not None: _writable_dir(folder, 'folder')
@@ -392,7 +392,7 @@ def diffcourse_train(model:str='resattn', # the UNet: conv, res or resattn
                      sample_steps:int=100, # DDPM steps for samples.png
                     ):
     "Train a UNet with the DDPM objective; write checkpoints and samples.png into --out."
-    res = _cli('diffcourse_train', train, **{k: v for k, v in locals().items()})
+    res = _cli('diffcourse_train', train_command, **{k: v for k, v in locals().items()})
     print(f"done: {res['steps']} steps ({res['speed']}) in {res['wall_time_s']/60:.1f} min, final loss {res['final_loss']:.4f}; "
           f"checkpoint {res['checkpoint']}, samples {res['samples']}")
 
@@ -411,7 +411,7 @@ def diffcourse_sample(ckpt:str=None, # a run folder, a checkpoint folder, or a s
                       clip_sample:float=None, # clamp each x0 estimate to [-c, c], 0 for none (default: the card's, else 1.0)
                      ):
     "Draw samples from a checkpoint or a shipped model into a PNG grid."
-    print(_cli('diffcourse_sample', sample, **locals()))
+    print(_cli('diffcourse_sample', sample_command, **locals()))
 
 @_command_line
 def diffcourse_export(ckpt:str=None, # a run folder or checkpoint folder written by diffcourse_train (required)
@@ -422,7 +422,7 @@ def diffcourse_export(ckpt:str=None, # a run folder or checkpoint folder written
                       notes:str=None, # a sentence for the model card
                      ):
     "Ship a checkpoint's EMA weights: float16 safetensors and a JSON model card."
-    print(_cli('diffcourse_export', export, **locals()))
+    print(_cli('diffcourse_export', export_command, **locals()))
 
 _COMMANDS = {'train': diffcourse_train, 'sample': diffcourse_sample, 'export': diffcourse_export}
 

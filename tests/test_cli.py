@@ -3,7 +3,7 @@ import json, subprocess, sys
 import pytest, torch
 from PIL import Image
 from diffcourse import cli
-from diffcourse.cli import train, sample, export, main, model_spec, load_images
+from diffcourse.cli import train_command, sample_command, export_command, main, model_spec, load_images
 
 def run_cli(*args):
     return subprocess.run([sys.executable, '-m', 'diffcourse.cli', *args], capture_output=True, text=True, timeout=120)
@@ -46,12 +46,12 @@ def test_unknown_names_raise_valueerror_in_python():
 
 def test_unwritable_out_fails_before_training(tmp_path):
     f = tmp_path/'a-file'; f.write_text('x')
-    with pytest.raises(ValueError, match='out: cannot write to'): train('res', steps=1, out=str(f/'run'))
-    with pytest.raises(ValueError, match='out must be a file path'): sample('fmnist-ddpm', out=str(tmp_path))
+    with pytest.raises(ValueError, match='out: cannot write to'): train_command('res', steps=1, out=str(f/'run'))
+    with pytest.raises(ValueError, match='out must be a file path'): sample_command('fmnist-ddpm', out=str(tmp_path))
 
 def test_tiny_train_sample_export(tmp_path):
     torch.set_num_threads(1)
-    res = train('resattn', 'fmnist', steps=4, out=str(tmp_path/'run'), batch_size=8, channels='16,32', n_data=64,
+    res = train_command('resattn', 'fmnist', steps=4, out=str(tmp_path/'run'), batch_size=8, channels='16,32', n_data=64,
                 n_samples=4, sample_steps=2, progress=False)
     ck = res['checkpoint']
     assert res['steps'] == 4 and (ck/'model.safetensors').is_file() and (ck/'ema.safetensors').is_file()
@@ -62,9 +62,9 @@ def test_tiny_train_sample_export(tmp_path):
     assert res['speed'] in speed_settings('cpu') and rec['training']['speed'] == res['speed']   # measured, then named
     assert f"--speed {res['speed']}" in rec['command']                                          # so a rerun uses the same
     img = Image.open(res['samples']); assert img.size[0] > 0 and img.mode == 'L'
-    png = sample(str(tmp_path/'run'), n=2, steps=3, out=str(tmp_path/'g.png'), progress=False)
+    png = sample_command(str(tmp_path/'run'), n=2, steps=3, out=str(tmp_path/'g.png'), progress=False)
     assert Image.open(png).size[0] > 0
-    w = export(str(tmp_path/'run'), name='tiny-ddpm', folder=str(tmp_path/'weights'))
+    w = export_command(str(tmp_path/'run'), name='tiny-ddpm', folder=str(tmp_path/'weights'))
     card = json.loads(w.with_suffix('.json').read_text())
     assert card['training']['steps_done'] == 4 and card['dtype'] == 'float16' and card['command'] == rec['command']
     from diffcourse.pretrained import load
@@ -91,7 +91,7 @@ def test_sample_with_any_sampler(tmp_path):
                      # another sampler: the card's spacing is its own, its clipping stays
                      (dict(sampler='ddim', eta=0.5, steps=3), dict(sampler='ddim', eta=0.5, steps=3, spacing='leading', clip_sample=1.0)),
                      (dict(steps=3), dict(sampler='dpmpp_2m', steps=3, spacing='trailing', clip_sample=1.0))]:   # the card's recipe
-        png = sample('fmnist-ddpm', n=2, seed=5, out=str(tmp_path / 'a.png'), progress=False, **kw)
+        png = sample_command('fmnist-ddpm', n=2, seed=5, out=str(tmp_path / 'a.png'), progress=False, **kw)
         ref = save_grid(pre.sample(n=2, seed=5, **{k: v for k, v in kw.items() if k != 'clip_sample'},
                                    **({'clip_sample': False} if 'clip_sample' in kw else {})), tmp_path / 'b.png')
         assert png.read_bytes() == ref.read_bytes(), kw
@@ -109,5 +109,5 @@ def test_sampler_options_refused_before_anything_runs(tmp_path, capsys):
     for kw, msg in [(dict(sampler='euler', eta=0.5), "eta applies to sampler='ddim' only"),
                     (dict(sampler='dpmpp_2m', spacing='linspace', steps=1000), "at most T-1"),
                     (dict(sampler='heun', spacing='karras', steps=0), "steps must be a positive int")]:
-        with pytest.raises(ValueError, match=msg): sample('fmnist-ddpm', out=str(tmp_path / 'g.png'), progress=True, **kw)
+        with pytest.raises(ValueError, match=msg): sample_command('fmnist-ddpm', out=str(tmp_path / 'g.png'), progress=True, **kw)
         assert 'sampling' not in capsys.readouterr().out and not (tmp_path / 'g.png').exists()

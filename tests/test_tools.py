@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest, torch
 from safetensors.torch import load_file
 
-from diffcourse.cli import export
+from diffcourse.cli import export_command
 from diffcourse.pretrained import WEIGHTS_DIR
 
 TOOLS = Path(__file__).resolve().parents[1] / 'tools'
@@ -18,7 +18,7 @@ def test_continue_export_and_measure(tmp_path):
     "A continued run starts from the shipped weights, exports with its whole history, and the study reads it back."
     run, folder, out = tmp_path / 'run', tmp_path / 'weights', tmp_path / 'study'
     _tool('continue_training').main(['--minutes', '0.05', '--threads', '1', '--batch_size', '16', '--out', str(run)])
-    w = export(str(run), name='cont', folder=str(folder))
+    w = export_command(str(run), name='cont', folder=str(folder))
     card = json.loads((folder / 'cont.json').read_text())
     shipped = json.loads((WEIGHTS_DIR / 'fmnist-ddpm.json').read_text())
     assert card['command'].startswith('python tools/continue_training.py --minutes 0.05')

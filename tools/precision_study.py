@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """bf16 against float32 training on a CPU: loss curves and sample quality, over seeds (chapter 04's study).
 
-Each run trains the default ResAttnUNet on Fashion-MNIST through `diffcourse.cli.train` (the same
+Each run trains the default ResAttnUNet on Fashion-MNIST through `diffcourse.cli.train_command` (the same
 recipe as `diffcourse_train`) in one speed setting, then draws `--n` samples from its EMA weights by
 DDIM with 50 steps ('leading' spacing, no clipping, float32 arithmetic) from one fixed set of
 starting noises, and measures their FID and KID against the 10,000 test images with the shipped
@@ -30,7 +30,7 @@ def run_name(setting:str, seed:int, steps:int|None, minutes:float|None) -> str:
 
 
 def one_run(setting, seed, steps, minutes, n, out:Path, threads, batch):
-    from diffcourse.cli import train
+    from diffcourse.cli import train_command
     from diffcourse.data import load_fashion_mnist
     from diffcourse.metrics import evaluate
     from diffcourse.samplers import sample
@@ -39,7 +39,7 @@ def one_run(setting, seed, steps, minutes, n, out:Path, threads, batch):
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as d:
         t0 = time.time()
-        res = train('resattn', 'fmnist', steps=steps, minutes=minutes, out=d, speed=setting, seed=seed, threads=threads,
+        res = train_command('resattn', 'fmnist', steps=steps, minutes=minutes, out=d, speed=setting, seed=seed, threads=threads,
                     n_samples=4, sample_steps=10, progress=True)
         train_s = time.time() - t0
     learn = res['learner']
