@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from .pretrained import load as load_pretrained
 
 # %% auto #0
-__all__ = ['CLASSIFIER_NAME', 'ResBlock', 'FashionClassifier', 'load_classifier', 'features', 'predict', 'class_accuracy',
+__all__ = ['CLASSIFIER_NAME', 'ClassifierBlock', 'FashionClassifier', 'load_classifier', 'features', 'predict', 'class_accuracy',
            'sqrtm_psd', 'trace_sqrt_product', 'frechet_distance', 'feature_stats', 'fid', 'polynomial_kernel',
            'mmd2_unbiased', 'kid', 'metric_floor', 'evaluate']
 
 # %% ../nbs/08_evaluation.ipynb #7ff831c3
-class ResBlock(nn.Module):
+class ClassifierBlock(nn.Module):
     "Two 3x3 convolutions with BatchNorm and a shortcut (a 1x1 convolution when the shape changes)."
     def __init__(self, ni:int, # input channels
                  nf:int, # output channels
@@ -46,7 +46,7 @@ class FashionClassifier(nn.Module):
         chs = tuple(int(c) for c in channels)
         if not chs or min(chs) < 1: raise ValueError(f"channels must be positive ints; got {channels!r}")
         self.stem = nn.Sequential(nn.Conv2d(in_channels, chs[0], 3, 1, 1, bias=False), nn.BatchNorm2d(chs[0]), nn.ReLU())
-        self.stages = nn.Sequential(*[ResBlock(ni, nf, 1 if i == 0 else 2)
+        self.stages = nn.Sequential(*[ClassifierBlock(ni, nf, 1 if i == 0 else 2)
                                       for i, (ni, nf) in enumerate(zip((chs[0],) + chs[:-1], chs))])
         self.drop, self.head = nn.Dropout(dropout), nn.Linear(chs[-1], num_classes)
         self.feature_dim, self.in_channels = chs[-1], in_channels

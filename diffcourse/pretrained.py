@@ -10,14 +10,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from fastcore.basics import patch
 
 from .schedules import NoiseSchedule
 from . import samplers
 
 # %% auto #0
-__all__ = ['WEIGHTS_DIR', 'CARD_FORMAT', 'CARD_VERSION', 'SAMPLING_KEYS', 'SAMPLING_DEFAULTS', 'build_model', 'build_schedule',
-           'schedule_spec', 'sampling_settings', 'check_sampling', 'save_pretrained', 'available', 'Pretrained', 'load',
-           'ddpm_timesteps', 'generate']
+__all__ = ['WEIGHTS_DIR', 'CARD_FORMAT', 'CARD_VERSION', 'SAMPLING_KEYS', 'SAMPLING_DEFAULTS', 'NO_SCHEDULE_KINDS', 'build_model',
+           'build_schedule', 'schedule_spec', 'sampling_settings', 'check_sampling', 'save_pretrained', 'available',
+           'Pretrained', 'load', 'ddpm_timesteps', 'generate']
 
 # %% ../nbs/15_pretrained.ipynb #429eccdd
 WEIGHTS_DIR = Path(importlib.util.find_spec('diffcourse').origin).parent/'weights'   # where the shipped weights live
@@ -97,6 +98,8 @@ def _check_sampling(entry, schedule:NoiseSchedule, where:str):
     return entry
 
 # %% ../nbs/15_pretrained.ipynb #2db569b6
+NO_SCHEDULE_KINDS = ('classifier', 'vae')   # card kinds that are not diffusion models
+
 def _write_atomic(path:Path, data:bytes):
     tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
     with open(tmp, 'wb') as f: f.write(data); f.flush(); os.fsync(f.fileno())
@@ -118,7 +121,7 @@ def _fit_report(own:dict, # the state dict of the model to load into
                      (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)) if xs)
 
 def save_pretrained(model:nn.Module, # the model to ship (pass the EMA model)
-                    card:dict, # must hold 'model' (see `build_model`) and 'schedule' (see `build_schedule`), unless 'kind' is 'classifier'; may hold 'sampling'; anything else is kept
+                    card:dict, # must hold 'model' (see `build_model`) and 'schedule' (see `build_schedule`), unless 'kind' is 'classifier' or 'vae'; may hold 'sampling'; anything else is kept
                     name:str, # file name without extension, e.g. 'fmnist-ddpm'
                     folder:str|Path|None=None, # where to write; default the package's `WEIGHTS_DIR`
                     dtype:torch.dtype=torch.float16, # dtype of the stored floating-point tensors
@@ -127,7 +130,7 @@ def save_pretrained(model:nn.Module, # the model to ship (pass the EMA model)
     "Write `name.safetensors` (weights in `dtype`) and `name.json` (the card) into `folder`; returns the weights' path."
     from safetensors.torch import save
     _check_name(name)
-    for k in ('model',) if card.get('kind') == 'classifier' else ('model', 'schedule'):   # a classifier has no schedule
+    for k in ('model',) if card.get('kind') in NO_SCHEDULE_KINDS else ('model', 'schedule'):   # a classifier or a VAE has no schedule
         if k not in card: raise ValueError(f"card must hold {k!r}; got keys {sorted(card)}")
     if 'schedule' in card: build_schedule(card['schedule'])
     if 'sampling' in card:
@@ -161,7 +164,7 @@ def available(folder:str|Path|None=None, # default the package's `WEIGHTS_DIR`
 
 @dataclass
 class Pretrained:
-    "A shipped model: the network (`model`, eval mode), the `schedule` it was trained with (None for a classifier) and its `card`."
+    "A shipped model: the network (`model`, eval mode), the `schedule` it was trained with (None for a classifier or a VAE) and its `card`."
     name: str
     model: nn.Module
     schedule: NoiseSchedule|None
@@ -194,6 +197,27 @@ class Pretrained:
         if self.schedule is None: raise ValueError(f"{self.name!r} has no noise schedule: it is not a diffusion model and cannot sample")
         cfg = sampling_settings(self.card.get('sampling'), sampler=sampler, steps=steps, spacing=spacing, clip_sample=clip_sample, eta=eta)
         return generate(self.model, self.schedule, n, self.image_shape, seed=seed, **cfg, **kwargs)
+
+@patch
+def _autoencoder(self:Pretrained, what:str) -> nn.Module:
+    if not (hasattr(self.model, 'encode') and hasattr(self.model, 'decode')):
+        raise ValueError(f"{self.name!r} is a {type(self.model).__name__}, not an autoencoder: it cannot {what}; load a VAE such as 'fmnist-vae'")
+    return self.model
+
+@patch
+def encode(self:Pretrained, images:torch.Tensor, # (B, C, H, W) in [-1, 1], as the card's `data.image_shape`
+           **kwargs, # passed to the model's `encode` (e.g. `sample=True`)
+          ) -> torch.Tensor:
+    "A VAE's scaled latents of `images` (see `diffcourse.vae.ImageVAE.encode`), on the model's device."
+    m = self._autoencoder('encode')
+    return m.encode(images.to(next(m.parameters()).device), **kwargs)
+
+@patch
+def decode(self:Pretrained, latents:torch.Tensor, # scaled latents, as `encode` returns them
+          ) -> torch.Tensor:
+    "A VAE's images (B, C, H, W) from scaled latents."
+    m = self._autoencoder('decode')
+    return m.decode(latents.to(next(m.parameters()).device))
 
 def _read_card(f:Path) -> dict:
     "The model card in `f`, checked: JSON, this package's format, a version this code reads, a model entry."
