@@ -13,14 +13,14 @@ import torch.nn.functional as F
 
 from .unet import SelfAttention, _group_norm
 from .data import get_dataloader
-from .learner import Callback, Learner, CosineCB, EMACB, ProgressCB
+from .learner import Callback, Learner, CosineCB, EMACB, ProgressCB, MetricsCB
 from .metrics import features, fid, kid
 
 # %% auto #0
 __all__ = ['kl_diag_gaussian', 'reparameterize', 'VAEOutput', 'MLPVAE', 'ELBOLoss', 'LatentScatterCB', 'plot_latent',
-           'train_autoencoder', 'VAEResBlock', 'VAEEncoder', 'VAEDecoder', 'ImageVAE', 'PerceptualLoss',
-           'PatchDiscriminator', 'hinge_d_loss', 'adaptive_weight', 'AutoencoderLoss', 'DiscriminatorCB', 'psnr',
-           'ssim', 'reconstruct', 'evaluate_autoencoder', 'pca_reconstruct']
+           'train_autoencoder', 'psnr', 'VAEResBlock', 'VAEEncoder', 'VAEDecoder', 'ImageVAE', 'PerceptualLoss',
+           'PatchDiscriminator', 'hinge_d_loss', 'adaptive_weight', 'AutoencoderLoss', 'DiscriminatorCB', 'ssim',
+           'reconstruct', 'evaluate_autoencoder', 'pca_reconstruct', 'latent_scale']
 
 # %% ../nbs/10_vae.ipynb #b13469ec
 def kl_diag_gaussian(mu:torch.Tensor, # means of q(z|x), (B, ...)
@@ -100,7 +100,7 @@ class MLPVAE(nn.Module):
 class ELBOLoss:
     "The (β-)VAE loss per image: ‖x − x̂‖²/(2σ²) for a Gaussian decoder with fixed σ, plus β·KL; `last` holds the two parts of the last batch."
     def __init__(self, beta:float=1.0, # weight of the KL term (1: the ELBO; 0: no KL)
-                 sigma:float=0.1, # the decoder's fixed standard deviation, in pixel units of [-1, 1] images
+                 sigma:float=0.5, # the decoder's fixed standard deviation, in pixel units of [-1, 1] images
                 ):
         if not isinstance(beta, (int, float)) or beta < 0: raise ValueError(f"beta must be a number >= 0; got {beta!r}")
         if not isinstance(sigma, (int, float)) or sigma <= 0: raise ValueError(f"sigma must be a number > 0; got {sigma!r}")
@@ -194,7 +194,7 @@ def train_autoencoder(model:nn.Module, # an `MLPVAE` or `ImageVAE`
     if callable(model) and not isinstance(model, nn.Module): torch.manual_seed(seed); model = model()
     dl = get_dataloader(data, batch_size=batch_size, seed=seed, drop_last=True)
     losses = _LossLog()
-    cbs = [CosineCB(warmup=0.05), losses, *cbs] + ([EMACB(decay=ema)] if ema else []) + ([ProgressCB(plot=False)] if progress else [])
+    cbs = [CosineCB(warmup=0.05), MetricsCB(printer=None), losses, *cbs] + ([EMACB(decay=ema)] if ema else []) + ([ProgressCB(plot=False)] if progress else [])
     learn = Learner(model, dl, loss_func, lr=lr, cbs=cbs).fit(steps=steps)
     return (learn.sampling_model if ema else model).eval(), losses.losses
 
@@ -203,7 +203,17 @@ class _LossLog(Callback):
     def __init__(self): self.losses = []
     def after_step(self, learn): self.losses.append(learn.loss_value)
 
-# %% ../nbs/10_vae.ipynb #bba8314b
+# %% ../nbs/10_vae.ipynb #f471d2aa
+def psnr(a:torch.Tensor, # images (B, C, H, W)
+         b:torch.Tensor, # images to compare with, same shape
+         data_range:float=2.0, # max − min of the pixel scale (2 for [-1, 1])
+        ) -> torch.Tensor:
+    "Peak signal-to-noise ratio of each image pair in dB, (B,)."
+    if a.shape != b.shape: raise ValueError(f"psnr needs two batches of one shape; got {_shape_of(a)} and {_shape_of(b)}")
+    mse = ((a.float() - b.float()) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(data_range ** 2 / mse.clamp_min(1e-12))
+
+# %% ../nbs/10_vae.ipynb #7c1b6c9b
 class VAEResBlock(nn.Module):
     "GroupNorm, SiLU and a 3x3 convolution, twice, plus a skip: the residual block of Stable Diffusion's autoencoder (no time embedding)."
     def __init__(self, c_in:int, # input channels
@@ -268,7 +278,7 @@ class VAEDecoder(nn.Module):
         h = self.up(self.mid(self.conv_in(z)))                           # (B, c_first, H, W)
         return self.conv_out(self.norm_out(h))                           # (B, C, H, W)
 
-# %% ../nbs/10_vae.ipynb #a7000f0b
+# %% ../nbs/10_vae.ipynb #a554d3f2
 class ImageVAE(nn.Module):
     "A convolutional VAE in the style of Stable Diffusion's AutoencoderKL, at CPU scale: 1x28x28 images to a 4x7x7 latent by default."
     def __init__(self, in_channels:int=1, # image channels
@@ -320,7 +330,7 @@ class ImageVAE(nn.Module):
             raise ValueError(f"latents must be (B, {', '.join(map(str, self.latent_shape))}) for this VAE; got {_shape_of(z)}")
         return self.decoder(z / self.scale)
 
-# %% ../nbs/10_vae.ipynb #26e16183
+# %% ../nbs/10_vae.ipynb #7f074c52
 class PerceptualLoss(nn.Module):
     "LPIPS-style distance from a frozen `FashionClassifier`: its stem and first `stages` stages, each unit-normalised over channels, no learned weights."
     def __init__(self, classifier:nn.Module, # a `diffcourse.metrics.FashionClassifier` (e.g. `load_classifier()`)
@@ -344,7 +354,7 @@ class PerceptualLoss(nn.Module):
         fa, fb = self._feats(a), self._feats(b)
         return sum(((x - y) ** 2).sum(1).mean((1, 2)) for x, y in zip(fa, fb)) / len(fa)    # (B,)
 
-# %% ../nbs/10_vae.ipynb #3a1332cc
+# %% ../nbs/10_vae.ipynb #fa5f34e3
 class PatchDiscriminator(nn.Module):
     "PatchGAN: a small conv net that gives one real-or-fake logit per patch, (B, 1, 7, 7) for 28x28 images (pix2pix, VQGAN)."
     def __init__(self, in_channels:int=1, # image channels
@@ -379,7 +389,7 @@ def adaptive_weight(rec_loss:torch.Tensor, # the reconstruction loss (scalar, wi
     g_adv = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, max_weight).detach()
 
-# %% ../nbs/10_vae.ipynb #8677359c
+# %% ../nbs/10_vae.ipynb #3f6b4bdd
 def _unwrap(m:nn.Module) -> nn.Module:
     while True:
         if isinstance(m, (nn.parallel.DistributedDataParallel, nn.DataParallel)): m = m.module
@@ -456,16 +466,7 @@ class DiscriminatorCB(Callback):
         if d: self.disc.load_state_dict(d['disc']); self.opt.load_state_dict(d['opt'])
     def __repr__(self): return f"DiscriminatorCB(start={self.start}, lr={self.lr})"
 
-# %% ../nbs/10_vae.ipynb #fb4826ad
-def psnr(a:torch.Tensor, # images (B, C, H, W)
-         b:torch.Tensor, # images to compare with, same shape
-         data_range:float=2.0, # max − min of the pixel scale (2 for [-1, 1])
-        ) -> torch.Tensor:
-    "Peak signal-to-noise ratio of each image pair in dB, (B,)."
-    if a.shape != b.shape: raise ValueError(f"psnr needs two batches of one shape; got {_shape_of(a)} and {_shape_of(b)}")
-    mse = ((a.float() - b.float()) ** 2).flatten(1).mean(1)
-    return 10 * torch.log10(data_range ** 2 / mse.clamp_min(1e-12))
-
+# %% ../nbs/10_vae.ipynb #0233a9bd
 def ssim(a:torch.Tensor, # images (B, C, H, W)
          b:torch.Tensor, # images to compare with, same shape
          data_range:float=2.0, # max − min of the pixel scale (2 for [-1, 1])
@@ -506,7 +507,7 @@ def evaluate_autoencoder(model:nn.Module, # an `ImageVAE`
     return dict(n=len(images), psnr=p.mean().item(), psnr_sd=p.std().item(), ssim=s.mean().item(), n_fid=n_fid,
                 rfid=fid(fr, ref), rkid=k, rkid_se=k_se, fid_floor=fid(fo, ref), kid_floor=k0)
 
-# %% ../nbs/10_vae.ipynb #02398b2c
+# %% ../nbs/10_vae.ipynb #1af54bb4
 def pca_reconstruct(train:torch.Tensor, # images to fit the components on, (N, C, H, W)
                     images:torch.Tensor, # images to reconstruct, (M, C, H, W)
                     k:int, # how many components to keep
@@ -519,3 +520,17 @@ def pca_reconstruct(train:torch.Tensor, # images to fit the components on, (N, C
     P = V[:k]                                                              # (k, D)
     Y = (images.flatten(1).double() - mean) @ P.T @ P + mean
     return Y.float().view_as(images)
+
+# %% ../nbs/10_vae.ipynb #8413bc24
+@torch.no_grad()
+def latent_scale(model:nn.Module, # an `ImageVAE`
+                 images:torch.Tensor, # the training images, (N, C, H, W)
+                 batch_size:int=1000,
+                ) -> tuple[float, dict]:
+    "1 / std of the unscaled latents μ(x) over `images`, and per-channel means and stds: the scale factor that gives latents of unit variance."
+    was = model.training; model.eval()
+    dev = next(model.parameters()).device
+    z = torch.cat([model.posterior(x.to(dev))[0].float().cpu() for x in images.split(batch_size)])   # (N, c, h, w)
+    model.train(was)
+    stats = {'mean': z.mean((0, 2, 3)).tolist(), 'std': z.std((0, 2, 3)).tolist(), 'n_images': len(images)}
+    return 1 / z.std().item(), stats

@@ -45,6 +45,7 @@ from diffcourse.learner import (Learner, MetricsCB, MixedPrecisionCB, speed_cbs,
 from diffcourse import pretrained
 from diffcourse.pretrained import save_pretrained, generate, ddpm_timesteps, WEIGHTS_DIR, CARD_VERSION
 from diffcourse import cli, metrics
+from diffcourse import vae as V
 
 ROOT = Path(__file__).parent.parent
 
@@ -216,6 +217,28 @@ BAD = [
      ["subsets must be a positive int", "got 0"]),
     ('metrics-class_accuracy-labels', lambda tmp: metrics.class_accuracy(torch.zeros(3, 1, 28, 28), [1, 2]), ValueError,
      ["labels must be 3 integer classes", "(2,)"]),
+    # --- the VAE (chapter 10)
+    ('vae-encode-channels', lambda tmp: V.ImageVAE().encode(torch.zeros(2, 3, 28, 28)), ValueError,
+     ["images has 3 channels", "takes 1", "(2, 3, 28, 28)"]),
+    ('vae-encode-size', lambda tmp: V.ImageVAE().encode(torch.zeros(2, 1, 32, 32)), ValueError,
+     ["images is 32x32", "takes 28x28"]),
+    ('vae-encode-not-batch', lambda tmp: V.ImageVAE().encode(torch.zeros(28, 28)), ValueError,
+     ["images must be an image batch (B, C, H, W)", "(28, 28)"]),
+    ('vae-decode-shape', lambda tmp: V.ImageVAE().decode(torch.zeros(2, 4, 8, 8)), ValueError,
+     ["latents must be (B, 4, 7, 7)", "(2, 4, 8, 8)"]),
+    ('vae-mlp-decode-shape', lambda tmp: V.MLPVAE(latent_dim=2).decode(torch.zeros(5, 3)), ValueError,
+     ["latents must be (B, 2)", "(5, 3)"]),
+    ('vae-image_size', lambda tmp: V.ImageVAE(image_size=30), ValueError, ["image_size 30 must be divisible by 2**2"]),
+    ('vae-loss-rec', lambda tmp: V.AutoencoderLoss(rec='l2'), ValueError, ["rec must be 'l1' or 'mse'", "'l2'"]),
+    ('vae-loss-negative-kl', lambda tmp: V.ELBOLoss(beta=-1), ValueError, ["beta must be a number >= 0", "-1"]),
+    ('vae-disc-cb-without-disc', lambda tmp: Learner(V.ImageVAE(channels=(8, 8, 8)), [(torch.zeros(2, 1, 28, 28),)],
+                                                       V.AutoencoderLoss(), cbs=[V.DiscriminatorCB(start=0)]).fit(steps=1), ValueError,
+     ["DiscriminatorCB needs a loss_func with a discriminator"]),
+    ('vae-pca-k', lambda tmp: V.pca_reconstruct(torch.zeros(10, 1, 4, 4), torch.zeros(2, 1, 4, 4), 0), ValueError, ["k must be from 1 to 10", "got 0"]),
+    ('vae-psnr-shapes', lambda tmp: V.psnr(torch.zeros(2, 1, 28, 28), torch.zeros(3, 1, 28, 28)), ValueError,
+     ["psnr needs two batches of one shape", "(2, 1, 28, 28)", "(3, 1, 28, 28)"]),
+    ('pretrained-encode-not-a-vae', lambda tmp: pretrained.load('fmnist-ddpm').encode(torch.zeros(1, 1, 28, 28)), ValueError,
+     ["'fmnist-ddpm' is a ResAttnUNet, not an autoencoder", "load a VAE such as 'fmnist-vae'"]),
 ]
 
 
