@@ -19,6 +19,7 @@ from .learner import (Learner, Callback, CancelFitException, EMACB, CheckpointCB
                                 speed_cbs, speed_settings, measure_speed, fastest_setting)
 from .pretrained import build_model, build_schedule, schedule_spec, save_pretrained, generate, load as load_pretrained, available, sampling_settings, check_sampling, _default_steps
 from .samplers import SAMPLERS, SPACINGS
+from .latent import load_latents, vae_entry
 
 # %% auto #0
 __all__ = ['MODELS', 'DATASETS', 'model_spec', 'load_images', 'TimeBudgetCB', 'SampleGridCB', 'save_grid', 'train_command',
@@ -139,16 +140,20 @@ class SampleGridCB(Callback):
                  n:int=16, # images in the grid
                  steps:int|None=100, # DDPM steps (None: all T)
                  seed:int=0, # seeds the samples, so grids of one run compare
+                 decode=None, # a latent model's decoder (a VAE's `decode`): samples are latents of `image_shape`, unclamped, decoded for the grid
                 ):
         self.path, self.schedule, self.image_shape, self.n, self.steps, self.seed = Path(path), schedule, tuple(image_shape), n, steps, seed
+        self.decode = decode
 
     def draw(self, learn):
         from diffcourse.learner import preserve_rng
         m = learn.sampling_model
         was = m.training; m.eval()
         with preserve_rng():
-            x = generate(m, self.schedule, self.n, self.image_shape, steps=self.steps, seed=self.seed)
+            x = generate(m, self.schedule, self.n, self.image_shape, steps=self.steps, seed=self.seed,
+                         clip_sample=None if self.decode else 1.0)    # latents are not confined to [-1, 1]
         m.train(was)
+        if self.decode is not None: x = self.decode(x).float().cpu()
         save_grid(x, self.path)
 
     def after_fit(self, learn):
@@ -221,8 +226,9 @@ def train_command(model:str='resattn', # the UNet: one of `MODELS` (conv, res, r
                   n_samples:int=16, # images in samples.png
                   sample_steps:int=100, # DDPM steps for samples.png
                   progress:bool=True, # show a progress bar (steps) or print progress lines (minutes)
+                  vae:str|None=None, # train in the latent space of this shipped VAE, e.g. 'fmnist-vae' (images encoded once and cached)
                  ) -> dict:
-    "Train a UNet with the DDPM objective; write checkpoints and a sample grid into `out`. Returns a summary."
+    "Train a UNet with the DDPM objective (on a shipped VAE's latents with `vae`); write checkpoints and a sample grid into `out`. Returns a summary."
     args = dict(locals())
     _choice('model', model, tuple(MODELS)); _choice('dataset', dataset, DATASETS)
     _choice('schedule', schedule, ('linear', 'cosine', 'sigmoid'))
@@ -231,6 +237,9 @@ def train_command(model:str='resattn', # the UNet: one of `MODELS` (conv, res, r
     for k in ('batch_size', 'T', 'n_samples', 'sample_steps'): _count(k, args[k])
     for k in ('ckpt_every', 'size', 'n_data', 'threads'): _count(k, args[k], none_ok=True)
     _positive('ckpt_minutes', ckpt_minutes, none_ok=True)
+    if vae is not None:
+        if vae not in available(): raise ValueError(f"vae must name a shipped VAE ({', '.join(available())}); got {vae!r}")
+        if size is not None: raise ValueError("size pads images, but with vae the UNet sees the VAE's latents: drop size")
     if speed not in ('auto', 'auto+compile'):
         try: speed_cbs(speed)
         except (TypeError, ValueError) as e: raise ValueError(f"speed must be 'auto', 'auto+compile' or a setting: {e}") from None
@@ -239,15 +248,19 @@ def train_command(model:str='resattn', # the UNet: one of `MODELS` (conv, res, r
     out = _writable_dir(out)                         # all checked before anything is written or loaded
     if threads: torch.set_num_threads(threads)
     dev = default_device(device)
-    data = load_images(dataset, n=n_data, size=size)
-    image_shape = tuple(data.images.shape[1:])
+    if vae is None: data, pre_vae = load_images(dataset, n=n_data, size=size), None
+    else:
+        pre_vae = load_pretrained(vae, device=dev)
+        data = load_latents(pre_vae, dataset, n=n_data, progress=progress)   # ValueError for a dataset the VAE cannot take
+    image_shape = tuple(data.images.shape[1:])                                 # what the UNet sees: images, or latents
     spec = model_spec(model, image_shape[0], channels, model_kwargs)
     sched_spec = {'name': schedule, 'T': T}
     sched = build_schedule(sched_spec)
     seed_everything(seed)
     net = build_model(spec).to(dev)
     if image_shape[-1] % net.size_multiple:
-        raise ValueError(f"size: images are {image_shape[-1]}x{image_shape[-1]} but this UNet needs multiples of {net.size_multiple}; pass --size")
+        raise ValueError(f"size: {'latents' if vae else 'images'} are {image_shape[-1]}x{image_shape[-1]} but this UNet needs multiples of {net.size_multiple}; "
+                         + ("give it fewer levels (e.g. channels '128')" if vae else "pass --size"))
     dl = get_dataloader(data, batch_size=batch_size, shuffle=True, seed=seed, drop_last=True)
     loss_func = DiffusionLoss(sched)
     if speed.startswith('auto'):                   # timed on copies, with the random state put back: the run is unchanged
@@ -260,15 +273,19 @@ def train_command(model:str='resattn', # the UNet: one of `MODELS` (conv, res, r
     record = {'model': spec, 'schedule': sched_spec, 'data': {'dataset': dataset, 'image_shape': list(image_shape), 'n_images': len(data)},
               'training': {k: args[k] for k in ('steps', 'minutes', 'batch_size', 'lr', 'seed', 'ema', 'threads', 'speed')},
               'command': _command('diffcourse_train', {k: v for k, v in args.items() if k not in ('progress',)}, defaults)}
+    if pre_vae is not None:                  # a latent model: the card names its VAE, and its samples are not clamped to [-1, 1]
+        record['data'].update(image_shape=list(pre_vae.image_shape), latent_shape=list(image_shape))
+        record['vae'], record['sampling'] = vae_entry(pre_vae), {'clip_sample': None}
     tb = TimeBudgetCB(minutes, ckpt_minutes, out, keep=2, lr_by_time=minutes is not None, log_every=30 if progress and minutes else None)
     ckpt_cb = CheckpointCB(out, every=ckpt_every, keep=2)
     cbs = [*speed_cbs(speed), EMACB(ema), ckpt_cb, tb,
-           SampleGridCB(out/'samples.png', sched, image_shape, n=n_samples, steps=sample_steps, seed=seed)]
+           SampleGridCB(out/'samples.png', sched, image_shape, n=n_samples, steps=sample_steps, seed=seed,
+                        decode=pre_vae.decode if pre_vae is not None else None)]
     if steps is not None: cbs.append(CosineCB(warmup=0.02, final=0.05))
     if progress and steps is not None: cbs.append(ProgressCB(plot=False))
     learn = Learner(net, dl, loss_func, lr=lr, cbs=cbs, config={'diffcourse': record})
     if progress: print(f"training {spec['class']} ({sum(p.numel() for p in net.parameters()):,} parameters) on {len(data):,} "
-                       f"{dataset} images {image_shape} for {f'{steps} steps' if steps else f'{minutes} minutes'} ({speed}); writing to {out}", flush=True)
+                       f"{dataset} {'latents' if vae else 'images'} {image_shape} for {f'{steps} steps' if steps else f'{minutes} minutes'} ({speed}); writing to {out}", flush=True)
     learn.fit(steps=steps if steps is not None else 10**9)
     m = learn.metrics
     return {'out': out, 'steps': learn.step, 'final_loss': float(np.mean(m.losses[-100:])) if m.losses else float('nan'),
@@ -318,18 +335,22 @@ def sample_command(ckpt:str, # a run folder, a checkpoint folder, or a shipped m
     if threads: torch.set_num_threads(threads)
     if isinstance(ckpt, str) and not Path(ckpt).exists() and ckpt in available():
         pre = load_pretrained(ckpt)
-        if pre.schedule is None: raise ValueError(f"ckpt: {ckpt!r} is a classifier, not a diffusion model: it cannot sample")
-        model, sched, shape, card_sampling = pre.model, pre.schedule, pre.image_shape, pre.card.get('sampling')
+        if pre.schedule is None: raise ValueError(f"ckpt: {ckpt!r} is a {pre.card.get('kind', 'model')} without a noise schedule, not a diffusion model: it cannot sample")
+        model, sched, shape, card_sampling = pre.model, pre.schedule, pre.latent_shape or pre.image_shape, pre.card.get('sampling')
+        decode = pre.vae.decode if pre.vae is not None else None
     elif not Path(ckpt).exists():
         raise ValueError(f"ckpt: {str(ckpt)!r} is neither a checkpoint folder nor a shipped model ({', '.join(available()) or 'none shipped'})")
     else:
-        model, sched, rec, _ = _from_checkpoint(ckpt, ema=not raw); shape, card_sampling = tuple(rec['data']['image_shape']), None
+        model, sched, rec, _ = _from_checkpoint(ckpt, ema=not raw)
+        shape, card_sampling = tuple(rec['data'].get('latent_shape') or rec['data']['image_shape']), rec.get('sampling')
+        decode = load_pretrained(rec['vae']['name']).decode if rec.get('vae') else None
     cfg = sampling_settings(card_sampling, sampler=sampler, steps=steps, spacing=spacing, eta=eta,
                             clip_sample=None if clip_sample is None else (clip_sample or False))
     if cfg['steps'] is None: cfg['steps'] = _default_steps(cfg['sampler'], sched.T)
     check_sampling(cfg, sched)                                          # before the first image, not after the model's first call
     if progress: print(f"sampling {n} images: " + ', '.join(f'{k} {v}' for k, v in cfg.items()), flush=True)
     x = generate(model, sched, n, shape, seed=seed, progress=progress, **cfg)
+    if decode is not None: x = decode(x).float().cpu()                 # a latent model's samples, as images
     return save_grid(x, out, nrow=nrow)
 
 def export_command(ckpt:str, # a run folder or a checkpoint folder written by `train_command`
@@ -352,6 +373,7 @@ def export_command(ckpt:str, # a run folder or a checkpoint folder written by `t
                 'saved_at': ck['meta'].get('saved_at'), 'torch': ck['meta'].get('torch')}
     card = {'model': rec['model'], 'schedule': rec['schedule'], 'data': rec['data'], 'training': training,
             'command': rec['command'], 'export_command': f'diffcourse_export --ckpt <run folder> --name {name}'}
+    card.update({k: rec[k] for k in ('vae', 'sampling') if k in rec})     # a latent model's VAE and its unclamped sampling
     if notes: card['notes'] = notes
     return save_pretrained(model, card, name, folder=folder, max_mb=max_mb)
 
@@ -390,6 +412,7 @@ def diffcourse_train(model:str='resattn', # the UNet: conv, res or resattn
                      speed:str='auto', # auto (measure, use the fastest), auto+compile, fp32, bf16, channels_last, bf16+channels_last (+compile)
                      n_samples:int=16, # images in samples.png
                      sample_steps:int=100, # DDPM steps for samples.png
+                     vae:str=None, # train on the latents of this shipped VAE, e.g. fmnist-vae
                     ):
     "Train a UNet with the DDPM objective; write checkpoints and samples.png into --out."
     res = _cli('diffcourse_train', train_command, **{k: v for k, v in locals().items()})

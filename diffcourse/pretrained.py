@@ -133,6 +133,9 @@ def save_pretrained(model:nn.Module, # the model to ship (pass the EMA model)
     for k in ('model',) if card.get('kind') in NO_SCHEDULE_KINDS else ('model', 'schedule'):   # a classifier or a VAE has no schedule
         if k not in card: raise ValueError(f"card must hold {k!r}; got keys {sorted(card)}")
     if 'schedule' in card: build_schedule(card['schedule'])
+    if 'vae' in card and not (isinstance(card['vae'], dict) and isinstance(card['vae'].get('name'), str)
+                              and isinstance(card.get('data'), dict) and card['data'].get('latent_shape')):
+        raise ValueError(f"a latent model's card needs card['vae'] naming its VAE (see `latent.vae_entry`) and card['data']['latent_shape']; got {card.get('vae')!r}")
     if 'sampling' in card:
         if 'schedule' not in card: raise ValueError("card['sampling'] needs a card['schedule']: a model without one cannot sample")
         _check_sampling(card['sampling'], build_schedule(card['schedule']), 'card')
@@ -164,11 +167,12 @@ def available(folder:str|Path|None=None, # default the package's `WEIGHTS_DIR`
 
 @dataclass
 class Pretrained:
-    "A shipped model: the network (`model`, eval mode), the `schedule` it was trained with (None for a classifier or a VAE) and its `card`."
+    "A shipped model: the network (`model`, eval mode), the `schedule` it was trained with (None for a classifier or a VAE), its `card`, and for a latent diffusion model the `vae` that decodes its samples."
     name: str
     model: nn.Module
     schedule: NoiseSchedule|None
     card: dict
+    vae: Pretrained|None = None
 
     def __repr__(self):
         n = sum(p.numel() for p in self.model.parameters())
@@ -178,6 +182,12 @@ class Pretrained:
     def image_shape(self) -> tuple:
         "(C, H, W) of the images the model makes."
         return tuple(self.card['data']['image_shape'])
+
+    @property
+    def latent_shape(self) -> tuple|None:
+        "(C, h, w) of the latents a latent diffusion model samples; None for a model that samples pixels."
+        s = self.card.get('data', {}).get('latent_shape')
+        return tuple(s) if s else None
 
     @property
     def sampling(self) -> dict:
@@ -191,12 +201,15 @@ class Pretrained:
                spacing:str|None=None, # 'leading', 'trailing', 'linspace' or 'karras'; None: the card's, else 'leading'
                clip_sample:float|bool|None=None, # clamp every x̂_0 to [-c, c]; False: no clamp; None: the card's, else 1.0
                eta:float|None=None, # DDIM's η; None: the card's, else 0
+               decode:bool=True, # a latent model: decode the latents with its `vae` (False: return the latents)
                **kwargs, # passed on to `generate` (callback=, progress=) and through it to `samplers.sample`
               ) -> torch.Tensor:
-        "`n` images (n, C, H, W) in about [-1, 1], on the CPU: sampled as the card's `sampling` entry says (ancestral DDPM without one), each setting overridable."
+        "`n` images (n, C, H, W) in about [-1, 1], on the CPU: sampled as the card's `sampling` entry says (ancestral DDPM without one), each setting overridable; a latent model's latents are decoded by its VAE."
         if self.schedule is None: raise ValueError(f"{self.name!r} has no noise schedule: it is not a diffusion model and cannot sample")
         cfg = sampling_settings(self.card.get('sampling'), sampler=sampler, steps=steps, spacing=spacing, clip_sample=clip_sample, eta=eta)
-        return generate(self.model, self.schedule, n, self.image_shape, seed=seed, **cfg, **kwargs)
+        if self.vae is None: return generate(self.model, self.schedule, n, self.image_shape, seed=seed, **cfg, **kwargs)
+        z = generate(self.model, self.schedule, n, self.latent_shape, seed=seed, **cfg, **kwargs)   # (n, *latent_shape)
+        return self.vae.decode(z).float().cpu() if decode else z
 
 @patch
 def _autoencoder(self:Pretrained, what:str) -> nn.Module:
@@ -261,7 +274,27 @@ def load(name:str, # one of `available()`, e.g. 'fmnist-ddpm'
     if 'sampling' in card:
         if schedule is None: raise ValueError(f"{name}.json has a 'sampling' entry but no 'schedule': a model without one cannot sample")
         _check_sampling(card['sampling'], schedule, f'{name}.json')
-    return Pretrained(name, model.to(device=device, dtype=dtype).eval().requires_grad_(False), schedule, card)
+    vae = _load_vae(name, card, folder, device, dtype, check) if 'vae' in card else None
+    return Pretrained(name, model.to(device=device, dtype=dtype).eval().requires_grad_(False), schedule, card, vae)
+
+def _load_vae(name, card, folder, device, dtype, check) -> Pretrained:
+    "The VAE a latent model's card names, loaded from the same folder and checked to be the one the model was trained with."
+    e = card['vae']
+    if not isinstance(e, dict) or not isinstance(e.get('name'), str) or e['name'] == name:
+        raise ValueError(f"{name}.json: its 'vae' entry must name another shipped VAE, e.g. {{'name': 'fmnist-vae', 'sha256': ...}}; got {e!r}")
+    if e['name'] not in available(folder):
+        raise ValueError(f"{name} is a latent diffusion model: it needs its VAE {e['name']!r} to decode its samples, but {folder} has no "
+                         f"{e['name']}.safetensors with its card; put the VAE it was trained with beside it")
+    vae = load(e['name'], device, dtype, folder, check)
+    if not (hasattr(vae.model, 'decode') and hasattr(vae.model, 'latent_shape')):
+        raise ValueError(f"{name}.json names {e['name']!r} as its VAE, but that is a {type(vae.model).__name__}, not an autoencoder")
+    if e.get('sha256') and vae.card.get('sha256') != e['sha256']:
+        raise ValueError(f"{name} was trained on the latents of another {e['name']!r} (weights SHA-256 {e['sha256'][:12]}..., this one "
+                         f"{str(vae.card.get('sha256'))[:12]}...): its samples would decode to nonsense; restore the VAE it was trained with")
+    lat, own = tuple(card.get('data', {}).get('latent_shape') or ()), tuple(vae.model.latent_shape)
+    if lat != own:
+        raise ValueError(f"{name}.json samples latents of shape {lat or 'unknown (no data.latent_shape)'}, but its VAE {e['name']!r} decodes {own}")
+    return vae
 
 # %% ../nbs/15_pretrained.ipynb #40906836
 def ddpm_timesteps(T:int, # timesteps of the schedule
