@@ -350,7 +350,7 @@ def sample_command(ckpt:str, # a run folder, a checkpoint folder, or a shipped m
     check_sampling(cfg, sched)                                          # before the first image, not after the model's first call
     if progress: print(f"sampling {n} images: " + ', '.join(f'{k} {v}' for k, v in cfg.items()), flush=True)
     x = generate(model, sched, n, shape, seed=seed, progress=progress, **cfg)
-    if decode is not None: x = decode(x).float().cpu()                 # a latent model's samples, as images
+    if decode is not None: x = decode(x).clamp(-1, 1).float().cpu()    # a latent model's samples, as images
     return save_grid(x, out, nrow=nrow)
 
 def export_command(ckpt:str, # a run folder or a checkpoint folder written by `train_command`

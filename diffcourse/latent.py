@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .ddpm import timestep_embedding
+from .ddpm import MLPDenoiser, timestep_embedding
 from .data import ImageData, cache_dir, load_fashion_mnist, load_mnist
 from .learner import write_atomic
 from .pretrained import Pretrained, load as load_pretrained
 
 # %% auto #0
-__all__ = ['LATENT_DATASETS', 'encode_images', 'load_latents', 'vae_entry']
+__all__ = ['LATENT_DATASETS', 'encode_images', 'load_latents', 'vae_entry', 'ConditionalMLPDenoiser']
 
 # %% ../nbs/11_latent_diffusion.ipynb #0da713d1
 def _autoencoder_of(vae):
@@ -92,3 +92,33 @@ def vae_entry(vae:Pretrained, # the shipped VAE a latent model trains on
     "The `vae` entry of a latent model's card: the VAE's name, its weights' SHA-256, latent shape and scale, so loading can check it has the very VAE the model was trained with."
     m = vae._autoencoder('encode')
     return {'name': vae.name, 'sha256': vae.card.get('sha256'), 'latent_shape': list(m.latent_shape), 'scale': float(m.scale)}
+
+# %% ../nbs/11_latent_diffusion.ipynb #902083eb
+class ConditionalMLPDenoiser(MLPDenoiser):
+    "Chapter 03's residual MLP ε_θ(x_t, t) for points (B, dim), conditioned on a class label too: its embedding is added to the time embedding."
+    def __init__(self, dim:int=2, # dimension of a point
+                 num_classes:int=10, # classes 0 .. num_classes - 1
+                 hidden:int=256, # width of the hidden layers
+                 n_layers:int=4, # residual blocks
+                 time_emb_dim:int=32, # size of the sinusoidal timestep embedding
+                ):
+        super().__init__(dim, hidden, n_layers, time_emb_dim)
+        self.num_classes = num_classes
+        self.class_emb = nn.Embedding(num_classes, hidden)
+
+    def forward(self, x:torch.Tensor, # noisy points, (B, dim)
+                t:torch.Tensor, # timesteps, (B,) or one for all
+                labels:torch.Tensor, # class of each point, (B,) integers in [0, num_classes)
+               ) -> torch.Tensor:
+        "The predicted noise ε, (B, dim)."
+        if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x must be points of shape (B, {self.dim}); got {tuple(getattr(x, 'shape', ())) or type(x).__name__}")
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0: t = t.expand(len(x))
+        labels = torch.as_tensor(labels, device=x.device)
+        if labels.shape != (len(x),) or labels.is_floating_point() or not ((labels >= 0) & (labels < self.num_classes)).all():
+            raise ValueError(f"labels must be {len(x)} integers in [0, {self.num_classes}); got {labels.dtype} {tuple(labels.shape)}")
+        emb = self.time_mlp(timestep_embedding(t, self.time_emb_dim)) + self.class_emb(labels)   # (B, hidden)
+        h = self.inp(x)                                                                          # (B, hidden)
+        for block in self.blocks: h = h + block(h + emb)                                         # (B, hidden)
+        return self.out(h)                                                                       # (B, dim)

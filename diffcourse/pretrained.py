@@ -204,15 +204,16 @@ class Pretrained:
                decode:bool=True, # a latent model: decode the latents with its `vae` (False: return the latents)
                **kwargs, # passed on to `generate` (callback=, progress=) and through it to `samplers.sample`
               ) -> torch.Tensor:
-        "`n` images (n, C, H, W) in about [-1, 1], on the CPU: sampled as the card's `sampling` entry says (ancestral DDPM without one), each setting overridable; a latent model's latents are decoded by its VAE."
+        "`n` images (n, C, H, W) in about [-1, 1], on the CPU: sampled as the card's `sampling` entry says (ancestral DDPM without one), each setting overridable; a latent model's latents are decoded by its VAE and clamped to [-1, 1]."
         if self.schedule is None: raise ValueError(f"{self.name!r} has no noise schedule: it is not a diffusion model and cannot sample")
         cfg = sampling_settings(self.card.get('sampling'), sampler=sampler, steps=steps, spacing=spacing, clip_sample=clip_sample, eta=eta)
         if self.vae is None: return generate(self.model, self.schedule, n, self.image_shape, seed=seed, **cfg, **kwargs)
         z = generate(self.model, self.schedule, n, self.latent_shape, seed=seed, **cfg, **kwargs)   # (n, *latent_shape)
-        return self.vae.decode(z).float().cpu() if decode else z
+        return self.vae.decode(z).clamp(-1, 1).float().cpu() if decode else z
 
 @patch
 def _autoencoder(self:Pretrained, what:str) -> nn.Module:
+    if self.vae is not None: return self.vae._autoencoder(what)          # a latent diffusion model: its VAE
     if not (hasattr(self.model, 'encode') and hasattr(self.model, 'decode')):
         raise ValueError(f"{self.name!r} is a {type(self.model).__name__}, not an autoencoder: it cannot {what}; load a VAE such as 'fmnist-vae'")
     return self.model
@@ -221,7 +222,7 @@ def _autoencoder(self:Pretrained, what:str) -> nn.Module:
 def encode(self:Pretrained, images:torch.Tensor, # (B, C, H, W) in [-1, 1], as the card's `data.image_shape`
            **kwargs, # passed to the model's `encode` (e.g. `sample=True`)
           ) -> torch.Tensor:
-    "A VAE's scaled latents of `images` (see `diffcourse.vae.ImageVAE.encode`), on the model's device."
+    "A VAE's scaled latents of `images` (see `diffcourse.vae.ImageVAE.encode`), on the model's device; for a latent diffusion model, its VAE's."
     m = self._autoencoder('encode')
     return m.encode(images.to(next(m.parameters()).device), **kwargs)
 
