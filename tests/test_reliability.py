@@ -46,6 +46,7 @@ from diffcourse import pretrained
 from diffcourse.pretrained import save_pretrained, generate, ddpm_timesteps, WEIGHTS_DIR, CARD_VERSION
 from diffcourse import cli, metrics
 from diffcourse import vae as V
+from diffcourse.latent import load_latents, encode_images, vae_entry, ConditionalMLPDenoiser
 
 ROOT = Path(__file__).parent.parent
 
@@ -80,6 +81,22 @@ def mse(model, batch): return ((model(batch[0]) - batch[1]) ** 2).mean()
 def dl(n=16, bs=4): return DataLoader(TensorDataset(torch.randn(n, 3), torch.randn(n, 1)), batch_size=bs)
 def a_file(tmp): f = tmp / 'a-file'; f.write_text('x'); return f
 NOWHERE = '/nonexistent/diffcourse-data'
+
+def ldm_folder(tmp, drop_vae=False, **changes):
+    "A weights folder holding a tiny VAE 'v' and a tiny latent diffusion model 'ldm' on its 4x7x7 latents; `changes` edit ldm's card."
+    d = tmp / 'w'
+    torch.manual_seed(0)
+    save_pretrained(V.ImageVAE(channels=(8, 8, 8), head_dim=8), {'kind': 'vae', 'data': {'image_shape': [1, 28, 28]},
+                    'model': {'module': 'diffcourse.vae', 'class': 'ImageVAE', 'kwargs': {'channels': [8, 8, 8], 'head_dim': 8}}}, 'v', folder=d)
+    card = {'model': {'module': 'diffcourse.unet', 'class': 'ResUNet', 'kwargs': {'in_channels': 4, 'channels': [8]}},
+            'schedule': {'name': 'cosine', 'T': 50}, 'data': {'image_shape': [1, 28, 28], 'latent_shape': [4, 7, 7]},
+            'vae': vae_entry(pretrained.load('v', folder=d)), 'sampling': {'clip_sample': None}}
+    save_pretrained(ResUNet(in_channels=4, channels=(8,)), card, 'ldm', folder=d)
+    f = d / 'ldm.json'; card = json.loads(f.read_text())
+    for k, v in changes.items(): card[k] = {**card[k], **v} if isinstance(v, dict) and k in card else v
+    f.write_text(json.dumps(card))
+    if drop_vae: (d / 'v.safetensors').unlink()
+    return d
 
 BAD = [
     # --- schedules
@@ -239,6 +256,32 @@ BAD = [
      ["psnr needs two batches of one shape", "(2, 1, 28, 28)", "(3, 1, 28, 28)"]),
     ('pretrained-encode-not-a-vae', lambda tmp: pretrained.load('fmnist-ddpm').encode(torch.zeros(1, 1, 28, 28)), ValueError,
      ["'fmnist-ddpm' is a ResAttnUNet, not an autoencoder", "load a VAE such as 'fmnist-vae'"]),
+    ('pretrained-ldm-vae-missing', lambda tmp: pretrained.load('ldm', folder=ldm_folder(tmp, drop_vae=True)), ValueError,
+     ["ldm is a latent diffusion model: it needs its VAE 'v' to decode its samples", "put the VAE it was trained with beside it"]),
+    ('pretrained-ldm-vae-replaced', lambda tmp: pretrained.load('ldm', folder=ldm_folder(tmp, vae={'sha256': 'ab' * 32})), ValueError,
+     ["ldm was trained on the latents of another 'v' (weights SHA-256 abababababab...", "restore the VAE it was trained with"]),
+    ('pretrained-ldm-latent-shape', lambda tmp: pretrained.load('ldm', folder=ldm_folder(tmp, data={'latent_shape': [4, 8, 8]})), ValueError,
+     ["ldm.json samples latents of shape (4, 8, 8), but its VAE 'v' decodes (4, 7, 7)"]),
+    ('pretrained-ldm-vae-entry', lambda tmp: pretrained.load('ldm', folder=ldm_folder(tmp, vae='v')), ValueError,
+     ["ldm.json: its 'vae' entry must name another shipped VAE", "got 'v'"]),
+    ('pretrained-save-ldm-without-latent-shape', lambda tmp: save_pretrained(ResUNet(in_channels=4, channels=(8,)),
+        {'model': {'class': 'ResUNet', 'kwargs': {'in_channels': 4, 'channels': [8]}}, 'schedule': {'name': 'cosine', 'T': 50},
+         'data': {'image_shape': [1, 28, 28]}, 'vae': {'name': 'v'}}, 'ldm', folder=tmp / 'w'), ValueError,
+     ["a latent model's card needs card['vae'] naming its VAE", "card['data']['latent_shape']"]),
+    ('latent-dataset', lambda tmp: load_latents('fmnist-vae', dataset='cifar10'), ValueError,
+     ["dataset must be one of fmnist, mnist", "got 'cifar10'"]),
+    ('latent-encode-not-a-batch', lambda tmp: encode_images('fmnist-vae', torch.zeros(3, 28, 28)), ValueError,
+     ["images must be a tensor (N, C, H, W)", "(3, 28, 28)"]),
+    ('latent-encode-not-a-vae', lambda tmp: encode_images(nn.Linear(2, 2), torch.zeros(1, 1, 28, 28)), ValueError,
+     ["vae must be a shipped VAE's name (e.g. 'fmnist-vae')", "got Linear"]),
+    ('latent-encode-a-diffusion-model', lambda tmp: encode_images('fmnist-ddpm', torch.zeros(1, 1, 28, 28)), ValueError,
+     ["'fmnist-ddpm' is a ResAttnUNet, not an autoencoder"]),
+    ('latent-conditional-mlp-labels', lambda tmp: ConditionalMLPDenoiser()(torch.zeros(4, 2), torch.zeros(4), torch.tensor([0, 1, 2, 10])), ValueError,
+     ["labels must be 4 integers in [0, 10)"]),
+    ('cli-train-vae-unknown', lambda tmp: cli.train_command(vae='nope', steps=1, out=str(tmp / 'run')), ValueError,
+     ["vae must name a shipped VAE", "fmnist-vae", "got 'nope'"]),
+    ('cli-train-vae-with-size', lambda tmp: cli.train_command(vae='fmnist-vae', size=32, steps=1, out=str(tmp / 'run')), ValueError,
+     ["size pads images, but with vae the UNet sees the VAE's latents: drop size"]),
 ]
 
 
