@@ -140,7 +140,7 @@ class SampleGridCB(Callback):
                  n:int=16, # images in the grid
                  steps:int|None=100, # DDPM steps (None: all T)
                  seed:int=0, # seeds the samples, so grids of one run compare
-                 decode=None, # a latent model's decoder (a VAE's `decode`): samples are latents of `image_shape`, unclamped, decoded for the grid
+                 decode=None, # a latent model's decoder, such as a shipped VAE's decode method: samples are latents of `image_shape`, unclamped, decoded for the grid
                 ):
         self.path, self.schedule, self.image_shape, self.n, self.steps, self.seed = Path(path), schedule, tuple(image_shape), n, steps, seed
         self.decode = decode

@@ -28,7 +28,7 @@ def _autoencoder_of(vae):
     return vae
 
 @torch.no_grad()
-def encode_images(vae, # a shipped VAE's name, a loaded `Pretrained` VAE, or an `ImageVAE`
+def encode_images(vae, # a shipped VAE's name, a loaded one (pretrained.load), or an ImageVAE
                   images:torch.Tensor, # (N, C, H, W) in [-1, 1], the VAE's image shape
                   batch_size:int=500, # images per forward pass
                   progress:bool=False, # show a progress bar
@@ -60,11 +60,11 @@ def _read_latents(f:Path, sha:str):
             return st.get_tensor('latents'), st.get_tensor('labels'), json.loads(meta['classes'])
     except Exception: return None   # a damaged cache is rebuilt, never trusted
 
-def load_latents(vae='fmnist-vae', # a shipped VAE's name or a loaded `Pretrained` VAE
-                 dataset:str='fmnist', # one of `LATENT_DATASETS`
+def load_latents(vae='fmnist-vae', # a shipped VAE's name or a loaded one (pretrained.load)
+                 dataset:str='fmnist', # one of LATENT_DATASETS: fmnist or mnist
                  split:str='train', # 'train' or 'test'
                  n:int|None=None, # a fixed subset of this many images (None: all)
-                 cache:bool=True, # keep the latents on disk (under `data.cache_dir()`/latents) and reuse them
+                 cache:bool=True, # keep the latents on disk (in a latents folder of the data cache) and reuse them
                  progress:bool=True, # show a progress bar while encoding
                 ) -> ImageData:
     "`dataset` encoded by a shipped VAE, as an `ImageData` whose `images` are scaled latents (N, *latent_shape) of about unit variance (not in [-1, 1]); encoded once and cached, keyed by the VAE's SHA-256."

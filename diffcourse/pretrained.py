@@ -201,7 +201,7 @@ class Pretrained:
                spacing:str|None=None, # 'leading', 'trailing', 'linspace' or 'karras'; None: the card's, else 'leading'
                clip_sample:float|bool|None=None, # clamp every x̂_0 to [-c, c]; False: no clamp; None: the card's, else 1.0
                eta:float|None=None, # DDIM's η; None: the card's, else 0
-               decode:bool=True, # a latent model: decode the latents with its `vae` (False: return the latents)
+               decode:bool=True, # a latent model: decode the latents with its VAE (False: return the latents)
                **kwargs, # passed on to `generate` (callback=, progress=) and through it to `samplers.sample`
               ) -> torch.Tensor:
         "`n` images (n, C, H, W) in about [-1, 1], on the CPU: sampled as the card's `sampling` entry says (ancestral DDPM without one), each setting overridable; a latent model's latents are decoded by its VAE and clamped to [-1, 1]."
