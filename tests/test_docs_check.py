@@ -121,3 +121,37 @@ def test_known_issues_only_shrink(tmp_path):
 def test_page_names_are_the_sites():
     assert docs.page_name(Path('16_cli.ipynb')) == 'cli.html' and docs.page_name(Path('index.ipynb')) == 'index.html'
     assert docs.page_name(Path('06_ddpm_images.ipynb')) == 'ddpm_images.html'
+
+
+def test_signatures_show_no_link_markup_and_prose_keeps_its_links():
+    "settings.ini `procs` runs tools/docs_procs.unlink_code after nbdev's add_links: a backticked docment in show_doc's signature stays `name`, prose links stay."
+    from execnb.nbio import dict2nb
+    from nbdev.process import NBProcessor
+    from nbdev.processors import FilterDefaults, add_links
+    import docs_procs                                           # importable: tools/docs.py put its folder on sys.path
+    procs = FilterDefaults().procs()
+    names = [getattr(p, '__name__', '') for p in procs]
+    assert names[-1] == 'unlink_code' and names.index('add_links') < names.index('unlink_code'), names
+    url = 'https://diffcourse.github.io/diffcourse/pretrained.html#build_model'
+    sig = ('### build_schedule\n\n```python\ndef build_schedule(\n    spec:dict, # see `build_model`\n)->NoiseSchedule:\n```\n\n'
+           '*Build what a card describes; the model: `build_model`.*')
+    nb = dict2nb({'cells': [md('Prose: `build_model` builds it.'),
+                            code('show_doc(build_schedule)', [{'output_type': 'display_data', 'metadata': {},
+                                                               'data': {'text/markdown': sig.splitlines(keepends=True)}}])],
+                  'metadata': {}, 'nbformat': 4, 'nbformat_minor': 5})
+    NBProcessor(nb=nb, procs=[add_links, docs_procs.unlink_code]).process()
+    prose, shown = nb.cells[0].source, ''.join(nb.cells[1].outputs[0].data['text/markdown'])
+    assert prose == f'Prose: [`build_model`]({url}) builds it.'                              # a prose link is kept
+    fenced, after = shown.split('```python\n')[1].split('```\n')
+    assert '    spec:dict, # see `build_model`\n' in fenced and '](' not in fenced, fenced    # the signature: no link markup
+    assert f'the model: [`build_model`]({url})' in after, after                              # the docstring under it keeps its link
+
+
+def test_unlink_fenced():
+    from docs_procs import unlink_fenced
+    link = '[`f`](https://x.io/a.html#f)'
+    src = (f'{link} prose\n```python\ndef g(x, # see {link}, {link}\n):\n```\n{link}\n'
+           f'~~~~\n{link}\n~~~\nstill in the fence {link}\n~~~~\nout {link}\n````\n```\n{link}\n````\n')
+    assert unlink_fenced(src) == ('[`f`](https://x.io/a.html#f) prose\n```python\ndef g(x, # see `f`, `f`\n):\n```\n[`f`](https://x.io/a.html#f)\n'
+                                  '~~~~\n`f`\n~~~\nstill in the fence `f`\n~~~~\nout [`f`](https://x.io/a.html#f)\n````\n```\n`f`\n````\n')
+    assert unlink_fenced('no fence [`f`](u.html) `g`') == 'no fence [`f`](u.html) `g`'

@@ -50,3 +50,7 @@ def test_deploy_workflow():
     cfg = configparser.ConfigParser(); cfg.read(ROOT / 'settings.ini')
     assert 'nbdev==2.' in cfg['DEFAULT']['dev_requirements']   # the action upgrades nbdev, then `pip install -e .[dev]` pins it back
     assert cfg['DEFAULT']['branch'] == 'main'
+    # the extra docs processors settings.ini names (`module:function`) live in tools/, which the job puts on the import path
+    mods = [p.split(':')[0] for p in cfg['DEFAULT'].get('procs', '').split()]
+    assert mods and all((ROOT / 'tools' / f'{m}.py').is_file() for m in mods), mods
+    assert wf['jobs']['deploy']['env']['PYTHONPATH'] == '${{ github.workspace }}/tools'

@@ -26,6 +26,10 @@ from pathlib import Path
 from nbdev.config import get_config
 from nbdev.quarto import proc_nbs
 
+# settings.ini `procs` names docs_procs (beside this file): nbdev imports it by module name while processing,
+# so this folder goes on the import path, also when this file is loaded by path (the tests) rather than run.
+if str(Path(__file__).resolve().parent) not in map(str, sys.path): sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 
 def _frontmatter(src: str) -> dict:
     "Parse the `---` YAML block nbdev puts in a raw cell (title, description, ...), wrapped lines and all."
