@@ -16,12 +16,7 @@ PENDING: set = set()
 
 # Stale stamps accepted for now: chapter -> (the modules allowed to differ from its stamp, why). Every other module is
 # still checked; an entry must be removed when the chapter is re-run (test_accepted_stale_entries_are_really_stale).
-ACCEPTED_STALE: dict = {
-    '07_unet_comparison': ({'diffcourse.pretrained'},
-        "07 calls only pretrained.generate, which did not change (pretrained gained VAE cards and encode/decode). "
-        "Its full re-run on 2026-12-03 failed its own assert: the paired ConvUNet-ResUNet gap came out 4.4 sd over "
-        "seeds (from its printed, rounded scores), not above 5 as the chapter claims, so the chapter must be re-measured and its prose restated first."),
-}
+ACCEPTED_STALE: dict = {}   # chapter stem -> (modules whose change it may lag behind, why): none now
 
 
 def has_outputs(nb) -> bool: return any(c.get('outputs') for c in nb['cells'] if c['cell_type'] == 'code')
