@@ -47,6 +47,7 @@ from diffcourse.pretrained import save_pretrained, generate, ddpm_timesteps, WEI
 from diffcourse import cli, metrics
 from diffcourse import vae as V
 from diffcourse.latent import load_latents, encode_images, vae_entry, ConditionalMLPDenoiser
+from diffcourse.dit import DiT, patchify
 
 ROOT = Path(__file__).parent.parent
 
@@ -75,6 +76,7 @@ S = NoiseSchedule.cosine(50)
 X = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 T2 = torch.tensor([1, 2])
 CONV, RES, ATTN = tiny(ConvUNet), tiny(ResUNet), tiny(ResAttnUNet)
+DIT_C, DIT_U = DiT(image_size=8, patch_size=4, size='T', depth=1, num_classes=10), DiT(image_size=8, patch_size=4, size='T', depth=1)
 COND = tiny(ResUNet, num_classes=3)
 def mlp(): return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
 def mse(model, batch): return ((model(batch[0]) - batch[1]) ** 2).mean()
@@ -282,6 +284,25 @@ BAD = [
      ["vae must name a shipped VAE", "fmnist-vae", "got 'nope'"]),
     ('cli-train-vae-with-size', lambda tmp: cli.train_command(vae='fmnist-vae', size=32, steps=1, out=str(tmp / 'run')), ValueError,
      ["size pads images, but with vae the UNet sees the VAE's latents: drop size"]),
+    # --- the DiT (chapter 12)
+    ('dit-patch-does-not-divide', lambda tmp: DiT(image_size=28, patch_size=5), ValueError,
+     ["patch_size=5 does not divide image_size=28", "use one of [1, 2, 4, 7, 14, 28]"]),
+    ('dit-unknown-block', lambda tmp: DiT(block='adaLN'), ValueError,
+     ["block must be one of adaln_zero, adaln, cross_attn, in_context", "got 'adaLN'"]),
+    ('dit-unknown-size', lambda tmp: DiT(size='XL'), ValueError, ["size must be one of T, XS, S, B", "got 'XL'"]),
+    ('dit-heads-do-not-divide', lambda tmp: DiT(dim=100, heads=3), ValueError, ["dim=100 must be a multiple of 4 and of heads=3"]),
+    ('dit-labels-out-of-range', lambda tmp: DIT_C(X, T2, labels=torch.tensor([3, 11])), ValueError,
+     ["labels must lie in [0, 9] (or 10 for no label) for num_classes=10", "got values from 3 to 11"]),
+    ('dit-labels-float', lambda tmp: DIT_C(X, T2, labels=torch.tensor([1., 2.])), TypeError, ["labels must be an integer tensor (B,)", "torch.float32"]),
+    ('dit-labels-length', lambda tmp: DIT_C(X, T2, labels=torch.tensor([1, 2, 3])), ValueError, ["labels must have shape (B,) = (2,)", "got (3,)"]),
+    ('dit-label-to-unconditional', lambda tmp: DIT_U(X, T2, labels=torch.tensor([1, 2])), ValueError,
+     ["labels were given but this DiT is unconditional (num_classes=None)", "build it with num_classes=N"]),
+    ('dit-channels', lambda tmp: DIT_C(torch.randn(2, 3, 8, 8), T2), ValueError,
+     ["x has 3 channels but this DiT was built with in_channels=1", "(2, 3, 8, 8)"]),
+    ('dit-image-size', lambda tmp: DIT_C(torch.randn(2, 1, 12, 12), T2), ValueError,
+     ["x is 12x12 but this DiT was built for 8x8 images (image_size=8)"]),
+    ('dit-t-shape', lambda tmp: DIT_C(X, torch.tensor([1])), ValueError, ["t must have shape (B,) = (2,)", "got (1,)"]),
+    ('dit-patchify-size', lambda tmp: patchify(X, 3), ValueError, ["patch_size=3 does not divide the image size 8x8"]),
 ]
 
 
@@ -289,7 +310,7 @@ def test_bad_input_table_is_broad():
     "At least 30 distinct bad inputs, over every kind of entry point."
     assert len(BAD) >= 30 and len({b[0] for b in BAD}) == len(BAD)
     kinds = {b[0].split('-')[0] for b in BAD}
-    assert {'schedule', 'add_noise', 'ConvUNet', 'ResUNet', 'ResAttnUNet', 'sample', 'pretrained', 'learner', 'cli', 'metrics'} <= kinds
+    assert {'schedule', 'add_noise', 'ConvUNet', 'ResUNet', 'ResAttnUNet', 'sample', 'pretrained', 'learner', 'cli', 'metrics', 'dit'} <= kinds
 
 
 @pytest.mark.parametrize('call, exc, fragments', [pytest.param(*b[1:], id=b[0]) for b in BAD])
