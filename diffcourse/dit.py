@@ -17,7 +17,7 @@ from .unet import TimeEmbedding
 __all__ = ['BLOCKS', 'DIT_SIZES', 'patchify', 'unpatchify', 'sincos_1d', 'sincos_2d', 'LabelEmbedder', 'Attention', 'modulate',
            'DiTBlock', 'FinalLayer', 'DiT', 'attention_maps', 'forward_flops', 'to_diffusers']
 
-# %% ../nbs/12_dit.ipynb #af97feb6
+# %% ../nbs/12_dit.ipynb #4c3c1aa3
 def _check_patch(x, p):
     if not isinstance(x, torch.Tensor) or x.ndim != 4: raise ValueError(f"x must be a batch of images (B, C, H, W); got {type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
     if isinstance(p, bool) or not isinstance(p, int) or p < 1: raise ValueError(f"patch_size must be a positive int; got {p!r}")
@@ -47,7 +47,7 @@ def unpatchify(tokens:torch.Tensor, # (B, N, p·p·C), as `patchify` makes them
     x = x.permute(0, 5, 1, 3, 2, 4)                    # (B, C, h, p, w, p)
     return x.reshape(B, C, H, W)                       # (B, C, H, W)
 
-# %% ../nbs/12_dit.ipynb #aedeb804
+# %% ../nbs/12_dit.ipynb #83977dac
 def sincos_1d(dim:int, # embedding width (even)
               pos:torch.Tensor, # positions, (N,)
              ) -> torch.Tensor:
@@ -67,7 +67,7 @@ def sincos_2d(dim:int, # embedding width, a multiple of 4
     emb = torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)   # (h·w, dim)
     return emb.float()
 
-# %% ../nbs/12_dit.ipynb #024c4977
+# %% ../nbs/12_dit.ipynb #a2a01835
 class LabelEmbedder(nn.Module):
     "Class labels (B,) to vectors (B, dim); row `num_classes` is the null label, and in training each label is dropped to it with probability `dropout`."
     def __init__(self, num_classes:int, # real classes 0 .. num_classes - 1
@@ -85,7 +85,7 @@ class LabelEmbedder(nn.Module):
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         return self.table(labels)                                         # (B, dim)
 
-# %% ../nbs/12_dit.ipynb #b5432aa9
+# %% ../nbs/12_dit.ipynb #b59e330a
 class Attention(nn.Module):
     "Multi-head attention of tokens (B, N, D) to themselves, or (with `context`) to other tokens (B, M, D)."
     def __init__(self, dim:int, # token width D
@@ -121,7 +121,7 @@ class Attention(nn.Module):
 
 def _mlp(dim, ratio): return nn.Sequential(nn.Linear(dim, int(dim * ratio)), nn.GELU(approximate='tanh'), nn.Linear(int(dim * ratio), dim))
 
-# %% ../nbs/12_dit.ipynb #fe4a3218
+# %% ../nbs/12_dit.ipynb #503b25d0
 BLOCKS = ('adaln_zero', 'adaln', 'cross_attn', 'in_context')   # how t and the label enter a block
 
 def modulate(x:torch.Tensor, # tokens (B, N, D)
@@ -183,7 +183,7 @@ class FinalLayer(nn.Module):
         shift, scale = self.modulation(cond).chunk(2, dim=1)
         return self.linear(modulate(self.norm(x), shift, scale))
 
-# %% ../nbs/12_dit.ipynb #809c2061
+# %% ../nbs/12_dit.ipynb #50947ac1
 DIT_SIZES = {'T': dict(dim=96, depth=4, heads=3), 'XS': dict(dim=128, depth=6, heads=4),
              'S': dict(dim=192, depth=8, heads=6), 'B': dict(dim=256, depth=12, heads=8)}   # CPU-scale presets, 32 channels per head
 
@@ -269,7 +269,7 @@ class DiT(nn.Module):
         h = self.final(h, cond if self.final.modulation is not None else None)   # (B, N, p·p·C_out)
         return unpatchify(h, self.patch_size, self.out_channels, H, W)      # (B, C_out, H, W)
 
-# %% ../nbs/12_dit.ipynb #41265111
+# %% ../nbs/12_dit.ipynb #4cb452d7
 def _check_dit_inputs(model:DiT, x, t, labels):
     "Validate DiT.forward's inputs; return the labels to embed (None for an unconditional model)."
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -298,7 +298,7 @@ def _check_dit_inputs(model:DiT, x, t, labels):
 
 DiT._check_inputs = _check_dit_inputs
 
-# %% ../nbs/12_dit.ipynb #d794288c
+# %% ../nbs/12_dit.ipynb #6636ff26
 @torch.no_grad()
 def attention_maps(model:DiT, # a DiT
                    x:torch.Tensor, t:torch.Tensor, # as for `DiT.forward`
@@ -321,7 +321,7 @@ def forward_flops(model:nn.Module, # any module
     with torch.no_grad(), FlopCounterMode(display=False) as fc: model(*args, **kwargs)
     return fc.get_total_flops()
 
-# %% ../nbs/12_dit.ipynb #c03f1c75
+# %% ../nbs/12_dit.ipynb #e7b4c2db
 def to_diffusers(model:DiT, # a class-conditional adaLN-Zero DiT
                 ):
     "diffusers' `DiTTransformer2DModel` with this DiT's configuration and weights (needs diffusers installed)."

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Chapter 12's comparison of the four DiT blocks: each trained at equal steps and at equal CPU time, over seeds.
+"""Chapter 12's comparisons: the four DiT blocks at equal steps and equal CPU time, and patch sizes on pixels, over seeds.
 
     python tools/dit_variants.py --out nbs/results/dit_variants.json
+    python tools/dit_variants.py --study patches --out nbs/results/dit_patches.json --seeds 0,1
 
 For each seed, the four conditioning blocks (cross-attention first: it is the slowest, and its CPU
 time for `--steps` steps sets the CPU budget of every run) train a class-conditional DiT of size
@@ -13,6 +14,10 @@ the FID, KID and class accuracy of `--n` decoded class-conditional samples (dpmp
 steps, unclamped; 10 classes in equal shares) against the 10,000 test images, by the shipped
 classifier. One torch thread; CPU time is the process's (time.process_time), evaluation excluded.
 Results are written after every run, and a rerun skips the runs already in the file.
+
+`--study patches` trains adaLN-Zero DiTs of the same size on Fashion-MNIST pixels (28x28) with patch
+sizes 7, 4 and 2 for `--steps` steps each, and measures the same things on decoded-free samples
+(clamped to [-1, 1]); there is no CPU budget.
 """
 import argparse, json, time
 from pathlib import Path
@@ -67,26 +72,29 @@ class StudyCB(Callback):
 class Study:
     def __init__(self, a):
         self.a = a
-        self.vae = load_pretrained('fmnist-vae')
-        self.train = load_latents(self.vae, 'fmnist')
-        test = load_latents(self.vae, 'fmnist', split='test')
-        self.held = (build_schedule({'name': 'cosine', 'T': 1000}), test.images[:2000], test.labels[:2000])
         self.reference = load_fashion_mnist('test').images
+        if a.study == 'blocks':
+            self.vae = load_pretrained('fmnist-vae')
+            self.train = load_latents(self.vae, 'fmnist')
+            test = load_latents(self.vae, 'fmnist', split='test')
+        else: self.vae, self.train, test = None, load_fashion_mnist('train'), load_fashion_mnist('test')
+        self.held = (build_schedule({'name': 'cosine', 'T': 1000}), test.images[:2000], test.labels[:2000])
         self.sched = self.held[0]
 
     def quality(self, model):
         n = self.a.n
         labels = torch.arange(n) % 10
         z = generate(model, self.sched, n, tuple(self.train.images.shape[1:]), steps=20, seed=100, sampler='dpmpp_2m',
-                     clip_sample=None, labels=labels)
-        x = self.vae.decode(z).clamp(-1, 1)
+                     clip_sample=None if self.vae else 1.0, labels=labels)
+        x = (self.vae.decode(z) if self.vae else z).clamp(-1, 1)
         r = evaluate(x, self.reference, labels=labels)
         return {k: float(r[k]) for k in ('fid', 'kid', 'kid_se', 'class_accuracy')}
 
-    def run(self, block, seed, budget):
+    def run(self, block, seed, budget, patch=1):
         a = self.a
         seed_everything(seed)
-        net = DiT(in_channels=4, image_size=7, patch_size=1, size=a.size, num_classes=10, block=block)
+        C, S = self.train.images.shape[1], self.train.images.shape[-1]
+        net = DiT(in_channels=C, image_size=S, patch_size=patch, size=a.size, num_classes=10, block=block)
         dl = get_dataloader(self.train, batch_size=a.batch_size, shuffle=True, seed=seed, drop_last=True)
         warm = lambda learn: None
         class WarmupCB(Callback):
@@ -97,7 +105,7 @@ class Study:
         learn = Learner(net, dl, DiffusionLoss(self.sched, conditional=True), lr=a.lr, cbs=[EMACB(a.ema), WarmupCB(), cb])
         learn.fit(steps=10**9)
         x = self.train.images[:8]; t = torch.full((8,), 500); y = torch.arange(8)
-        return {'block': block, 'seed': seed, 'params': count_params(net), 'mflop_per_image': forward_flops(net, x, t, labels=y) / 8 / 1e6,
+        return {'block': block, 'seed': seed, 'patch_size': patch, 'tokens': net.num_tokens, 'params': count_params(net), 'mflop_per_image': forward_flops(net, x, t, labels=y) / 8 / 1e6,
                 'curve': cb.curve, 'at_steps': cb.points['steps'], 'at_cpu': cb.points.get('cpu'), 'final_loss': float(np.mean(learn.metrics.losses[-200:]))}
 
 
@@ -108,11 +116,22 @@ def main(argv=None):
     ap.add_argument('--lr', type=float, default=1e-3); ap.add_argument('--ema', type=float, default=0.999)
     ap.add_argument('--eval_every', type=int, default=250); ap.add_argument('--n', type=int, default=2000)
     ap.add_argument('--seeds', default='0,1,2'); ap.add_argument('--threads', type=int, default=1)
+    ap.add_argument('--study', default='blocks', choices=('blocks', 'patches')); ap.add_argument('--patches', default='7,4,2')
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     res = json.loads(out.read_text()) if out.exists() else {'settings': {k: v for k, v in vars(a).items() if k != 'out'}, 'runs': []}
     study = Study(a)
+    if a.study == 'patches':
+        for seed in [int(s) for s in a.seeds.split(',')]:
+            for p in [int(p) for p in a.patches.split(',')]:
+                if any(r['patch_size'] == p and r['seed'] == seed for r in res['runs']): continue
+                t0 = time.time()
+                r = study.run('adaln_zero', seed, None, patch=p) | {'wall_s': time.time() - t0}
+                res['runs'].append(r)
+                tmp = out.with_suffix('.tmp'); tmp.write_text(json.dumps(res, indent=1)); tmp.replace(out)
+                print(f"patch {p} seed {seed}: {r['at_steps']} | {r['wall_s']:.0f} s", flush=True)
+        return
     order = ['cross_attn'] + [b for b in BLOCKS if b != 'cross_attn']
     for seed in [int(s) for s in a.seeds.split(',')]:
         for block in order:
