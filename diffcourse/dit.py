@@ -75,11 +75,14 @@ class LabelEmbedder(nn.Module):
                  dropout:float=0.1, # probability of replacing a label by the null label while training
                 ):
         super().__init__()
-        if not 0 <= dropout < 1: raise ValueError(f"class_dropout must be in [0, 1); got {dropout!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1); got {dropout!r}")
         self.num_classes, self.dropout = num_classes, dropout
         self.table = nn.Embedding(num_classes + 1, dim)                   # (num_classes + 1, dim), last row: no label
 
-    def forward(self, labels:torch.Tensor) -> torch.Tensor:
+    def forward(self, labels:torch.Tensor, # class labels (B,) in [0, num_classes]
+               ) -> torch.Tensor:
+        "The label vectors (B, dim); while training, each label first becomes the null label with probability `dropout`."
         if self.training and self.dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.dropout
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
@@ -108,6 +111,7 @@ class Attention(nn.Module):
     def forward(self, x:torch.Tensor, # tokens (B, N, D)
                 context:torch.Tensor|None=None, # for cross-attention: tokens (B, M, D)
                ) -> torch.Tensor:
+        "The attended tokens, (B, N, D)."
         q, k, v = self._qkv(x, context)
         out = F.scaled_dot_product_attention(q, k, v)                 # (B, heads, N, d)
         return self.proj(out.transpose(1, 2).flatten(2))               # (B, N, D)
@@ -121,7 +125,7 @@ class Attention(nn.Module):
 
 def _mlp(dim, ratio): return nn.Sequential(nn.Linear(dim, int(dim * ratio)), nn.GELU(approximate='tanh'), nn.Linear(int(dim * ratio), dim))
 
-# %% ../nbs/12_dit.ipynb #503b25d0
+# %% ../nbs/12_dit.ipynb #018df56d
 BLOCKS = ('adaln_zero', 'adaln', 'cross_attn', 'in_context')   # how t and the label enter a block
 
 def modulate(x:torch.Tensor, # tokens (B, N, D)
@@ -155,6 +159,7 @@ class DiTBlock(nn.Module):
     def forward(self, x:torch.Tensor, # tokens (B, N, D)
                 cond:torch.Tensor|None, # c = c_t + c_y (B, D) for adaLN; the tokens [c_t, c_y] (B, M, D) for cross-attention; None in-context
                ) -> torch.Tensor:
+        "The tokens after attention and the MLP, each a residual branch, (B, N, D)."
         if self.block == 'adaln_zero':
             sh1, sc1, g1, sh2, sc2, g2 = self.modulation(cond).chunk(6, dim=1)        # (B, D) each
             x = x + g1[:, None] * self._attend(modulate(self.norm1(x), sh1, sc1))
@@ -178,12 +183,15 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, out_features)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim)) if adaptive else None
 
-    def forward(self, x:torch.Tensor, cond:torch.Tensor|None=None) -> torch.Tensor:
+    def forward(self, x:torch.Tensor, # tokens (B, N, D)
+                cond:torch.Tensor|None=None, # c = c_t + c_y (B, D) for the adaptive norm; None otherwise
+               ) -> torch.Tensor:
+        "Each token's patch of the prediction, (B, N, p·p·C)."
         if self.modulation is None: return self.linear(self.norm(x))
         shift, scale = self.modulation(cond).chunk(2, dim=1)
         return self.linear(modulate(self.norm(x), shift, scale))
 
-# %% ../nbs/12_dit.ipynb #50947ac1
+# %% ../nbs/12_dit.ipynb #2f9fddea
 DIT_SIZES = {'T': dict(dim=96, depth=4, heads=3), 'XS': dict(dim=128, depth=6, heads=4),
              'S': dict(dim=192, depth=8, heads=6), 'B': dict(dim=256, depth=12, heads=8)}   # CPU-scale presets, 32 channels per head
 
@@ -298,7 +306,7 @@ def _check_dit_inputs(model:DiT, x, t, labels):
 
 DiT._check_inputs = _check_dit_inputs
 
-# %% ../nbs/12_dit.ipynb #6636ff26
+# %% ../nbs/12_dit.ipynb #60120f55
 @torch.no_grad()
 def attention_maps(model:DiT, # a DiT
                    x:torch.Tensor, t:torch.Tensor, # as for `DiT.forward`
@@ -321,7 +329,7 @@ def forward_flops(model:nn.Module, # any module
     with torch.no_grad(), FlopCounterMode(display=False) as fc: model(*args, **kwargs)
     return fc.get_total_flops()
 
-# %% ../nbs/12_dit.ipynb #e7b4c2db
+# %% ../nbs/12_dit.ipynb #5e322b3f
 def to_diffusers(model:DiT, # a class-conditional adaLN-Zero DiT
                 ):
     "diffusers' `DiTTransformer2DModel` with this DiT's configuration and weights (needs diffusers installed)."

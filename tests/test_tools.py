@@ -47,3 +47,22 @@ def test_study_needs_enough_samples_for_fid(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _tool('sampler_study').main(['--only', 'ddim:2:trailing', '--n', '128', '--out', str(tmp_path / 's')])
     assert '--n must be more than 128' in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_train_dit_exports_loads_and_samples_with_labels(tmp_path, monkeypatch):
+    "tools/train_dit.py writes a run that diffcourse_export ships and pretrained.load samples from, by label; --resume continues it."
+    monkeypatch.setenv('DIFFCOURSE_CACHE', str(tmp_path / 'cache'))
+    from diffcourse.pretrained import load
+    from diffcourse.learner import read_checkpoint
+    run, folder = tmp_path / 'run', tmp_path / 'weights'
+    args = ['--minutes', '0.03', '--size', 'T', '--patch_size', '7', '--speed', 'fp32', '--batch_size', '8', '--out', str(run)]
+    _tool('train_dit').main(args)
+    first = read_checkpoint(run)['meta']['step']
+    _tool('train_dit').main(args + ['--resume', '--minutes', '0.06'])      # a longer budget: the resumed run goes on from the checkpoint
+    assert read_checkpoint(run)['meta']['step'] > first > 0
+    export_command(str(run), name='tiny-dit', folder=str(folder))
+    pre = load('tiny-dit', folder=folder)
+    assert pre.card['command'].startswith('python tools/train_dit.py') and pre.card['model']['class'] == 'DiT'
+    assert pre.model.num_classes == 10 and pre.model.patch_size == 7 and pre.card['training']['class_dropout'] == 0.1
+    x = pre.sample(4, steps=3, labels=torch.tensor([0, 1, 2, 3]))
+    assert x.shape == (4, 1, 28, 28) and torch.isfinite(x).all()
