@@ -6,7 +6,6 @@
 from __future__ import annotations
 import math
 
-import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -37,7 +36,8 @@ def patchify(x:torch.Tensor, # images (B, C, H, W)
 def unpatchify(tokens:torch.Tensor, # (B, N, p·p·C), as `patchify` makes them
                p:int, # patch size
                C:int, # channels
-               H:int, W:int, # image height and width
+               H:int, # image height
+               W:int, # image width
               ) -> torch.Tensor:
     "Glue patches back into images (B, C, H, W): the inverse of `patchify`."
     B, N, F_ = tokens.shape
@@ -309,8 +309,9 @@ DiT._check_inputs = _check_dit_inputs
 # %% ../nbs/12_dit.ipynb #60120f55
 @torch.no_grad()
 def attention_maps(model:DiT, # a DiT
-                   x:torch.Tensor, t:torch.Tensor, # as for `DiT.forward`
-                   labels:torch.Tensor|None=None,
+                   x:torch.Tensor, # images (B, C, H, W), as for `DiT.forward`
+                   t:torch.Tensor, # timesteps (B,)
+                   labels:torch.Tensor|None=None, # class labels (B,), or None
                   ) -> list:
     "Each block's self-attention weights, a list of `depth` tensors (B, heads, N', N'), N' counting in-context tokens too."
     for b in model.blocks: b.keep_attn = True
@@ -321,8 +322,8 @@ def attention_maps(model:DiT, # a DiT
         for b in model.blocks: b.keep_attn, b.last_attn = False, None
 
 def forward_flops(model:nn.Module, # any module
-                  *args, # its inputs
-                  **kwargs,
+                  *args, # its positional inputs
+                  **kwargs, # its keyword inputs
                  ) -> int:
     "Floating-point operations of one forward pass with these inputs, counted by `torch.utils.flop_counter.FlopCounterMode`."
     from torch.utils.flop_counter import FlopCounterMode
