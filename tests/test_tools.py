@@ -66,3 +66,18 @@ def test_train_dit_exports_loads_and_samples_with_labels(tmp_path, monkeypatch):
     assert pre.model.num_classes == 10 and pre.model.patch_size == 7 and pre.card['training']['class_dropout'] == 0.1
     x = pre.sample(4, steps=3, labels=torch.tensor([0, 1, 2, 3]))
     assert x.shape == (4, 1, 28, 28) and torch.isfinite(x).all()
+
+
+def test_dit_study_records_curves_and_scores_and_skips_done_runs(tmp_path, capsys):
+    "tools/dit_variants.py --study patches: one run per patch size and seed, its held-out curve and sample scores, kept across reruns."
+    out = tmp_path / 'patches.json'
+    args = ['--study', 'patches', '--patches', '7', '--seeds', '0', '--steps', '4', '--eval_every', '2', '--n', '150', '--out', str(out)]
+    _tool('dit_variants').main(args)
+    res = json.loads(out.read_text())
+    (r,) = res['runs']
+    assert (r['block'], r['patch_size'], r['tokens'], r['seed']) == ('adaln_zero', 7, 16, 0)
+    assert [c[0] for c in r['curve']] == [2, 4] and all(c[2] > 0 for c in r['curve'])
+    assert r['at_steps']['step'] == 4 and r['at_steps']['fid'] > 0 and 0 <= r['at_steps']['class_accuracy'] <= 1
+    capsys.readouterr()
+    _tool('dit_variants').main(args)                                          # done already: nothing is trained again
+    assert json.loads(out.read_text()) == res and 'patch 7 seed 0' not in capsys.readouterr().out
