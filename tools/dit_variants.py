@@ -96,7 +96,6 @@ class Study:
         C, S = self.train.images.shape[1], self.train.images.shape[-1]
         net = DiT(in_channels=C, image_size=S, patch_size=patch, size=a.size, num_classes=10, block=block)
         dl = get_dataloader(self.train, batch_size=a.batch_size, shuffle=True, seed=seed, drop_last=True)
-        warm = lambda learn: None
         class WarmupCB(Callback):
             def before_batch(self, learn):
                 if learn.training:
