@@ -44,7 +44,7 @@ class CFGLoss(DiffusionLoss):
         nc = getattr(model, 'num_classes', None)
         if nc is None: raise ValueError(f"CFGLoss needs a class-conditional model (with num_classes, whose null label it uses); got a {type(model).__name__} without one")
         if not isinstance(batch, (tuple, list)) or len(batch) < 2: raise ValueError("CFGLoss needs batches (x0, labels); got a batch without labels")
-        labels = drop_labels(batch[1], nc, self.p_uncond) if model.training else batch[1]
+        labels = drop_labels(batch[1], nc, self.p_uncond) if model.training and self.p_uncond > 0 else batch[1]
         return super().__call__(model, (batch[0], labels, *batch[2:]))
 
     def __repr__(self): return f"CFGLoss({self.schedule!r}, p_uncond={self.p_uncond})"

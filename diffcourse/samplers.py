@@ -258,6 +258,33 @@ def _check_x(model, x):
         if isinstance(m, int) and m > 1 and (x.shape[2] % m or x.shape[3] % m):
             raise ValueError(f"x is {x.shape[2]}x{x.shape[3]}, but this model needs height and width that are multiples of {m}; got shape {tuple(x.shape)}")
 
+def _check_guidance(model, x, guidance_scale, guidance_interval, model_kwargs):
+    "Labels and guidance checked before any model call: (w, (σ_lo, σ_hi), null label), or None without guidance."
+    nc, declared = getattr(model, 'num_classes', None), hasattr(model, 'num_classes')
+    labels = model_kwargs.get('labels')
+    if labels is not None and declared:
+        if nc is None: raise ValueError(f"labels were given but this {type(model).__name__} is unconditional (num_classes=None); drop labels= (and guidance_scale=), or use a class-conditional model")
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() or labels.shape != (len(x),):
+            raise ValueError(f"labels must be integer class labels of shape ({len(x)},), one per starting noise; got {type(labels).__name__} {tuple(getattr(labels, 'shape', ()))} {getattr(labels, 'dtype', '')}")
+        if labels.device != x.device: raise ValueError(f"labels are on {labels.device} but x is on {x.device}; move them (labels.to({str(x.device)!r}))")
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) > nc):
+            raise ValueError(f"labels must lie in [0, {nc - 1}] (or {nc}, the null label) for a model with num_classes={nc}; got values from {int(labels.min())} to {int(labels.max())}")
+    if guidance_scale is None:
+        if guidance_interval is not None: raise ValueError("guidance_interval applies with guidance_scale only; give guidance_scale= too")
+        return None
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (0: unconditional, 1: the plain conditional model); got {guidance_scale!r}")
+    if labels is None: raise ValueError("guidance_scale needs the class labels to guide towards: pass labels= (a (B,) integer tensor)")
+    if not isinstance(nc, int) or isinstance(nc, bool) or nc < 1:
+        raise ValueError(f"guidance_scale needs a class-conditional model whose num_classes gives the null label; this {type(model).__name__} has num_classes={nc!r}")
+    lo, hi = 0.0, math.inf
+    if guidance_interval is not None:
+        ok = isinstance(guidance_interval, (tuple, list)) and len(guidance_interval) == 2 and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in guidance_interval)
+        if not ok or not 0 <= guidance_interval[0] < guidance_interval[1] or math.isnan(guidance_interval[1]):
+            raise ValueError(f"guidance_interval must be (σ_lo, σ_hi) with 0 <= σ_lo < σ_hi (σ = sqrt((1-ᾱ)/ᾱ), math.inf allowed); got {guidance_interval!r}")
+        lo, hi = float(guidance_interval[0]), float(guidance_interval[1])
+    return float(guidance_scale), (lo, hi), nc
+
 def _check_noise_levels(schedule, ts, sampler):
     "ᾱ_t must not underflow float32 at a visited timestep: DDPM and DDIM divide by sqrt(ᾱ_t), the others need σ_t² finite."
     ac = schedule.alphas_cumprod[ts.floor().long()]
@@ -316,16 +343,29 @@ def _warn_start(schedule, ts, sig, clip_sample):
                       f"smaller sigma_max (e.g. 80).", UserWarning, stacklevel=4)
 
 # %% ../nbs/09_samplers.ipynb #501d1a98
-def _eps_fn(model, x, ts, model_kwargs):
-    "f(x_in, t) -> ε̂: the model with t as a (B,) tensor, integer unless the timesteps are fractional."
+def _eps_fn(model, x, ts, model_kwargs, guidance=None, schedule=None):
+    "f(x_in, t) -> ε̂: the model with t as a (B,) tensor, integer unless the timesteps are fractional; guided as `_check_guidance` planned."
     integer = not ts.is_floating_point() or bool((ts == ts.round()).all())
-    def f(x_in, t):
+    def call(x_in, t, kw):
         tt = torch.full((len(x_in),), float(t), device=x_in.device, dtype=torch.long if integer else torch.float32)
-        eps = model(x_in, tt, **model_kwargs)
+        eps = model(x_in, tt, **kw)
         if not isinstance(eps, torch.Tensor) or eps.shape != x_in.shape:
             got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
             raise ValueError(f"model must return predicted noise of the input's shape {tuple(x_in.shape)}; got {got}")
         return eps
+    if guidance is None: return lambda x_in, t: call(x_in, t, model_kwargs)
+    w, (lo, hi), null = guidance
+    table = _sigma_table(schedule)
+    inside = lambda t: lo < float(np.interp(float(t), np.arange(len(table)), table)) <= hi   # σ_t, linear between training steps
+    labels = model_kwargs['labels']
+    uncond = torch.full_like(labels, null)                        # ∅ for every example
+    kw_c, kw_u = model_kwargs, {**model_kwargs, 'labels': uncond}
+    kw_both = {**model_kwargs, 'labels': torch.cat([labels, uncond])}
+    def f(x_in, t):
+        if w == 1 or not inside(t): return call(x_in, t, kw_c)   # the plain conditional model
+        if w == 0: return call(x_in, t, kw_u)                     # the unconditional one
+        eps_c, eps_u = call(torch.cat([x_in, x_in]), t, kw_both).chunk(2)   # both halves in one batched call
+        return eps_u + w * (eps_c - eps_u)
     return f
 
 def _loop_ddpm_ddim(f, schedule, x, ts, sampler, eta, variance, generator, callback, clip):
@@ -389,13 +429,16 @@ def sample(model:Callable, # ε-predictor, called as model(x_t, t, **model_kwarg
            sigma_min:float|None=None, # with 'karras': the last noise level before 0 (None: the schedule's smallest σ)
            sigma_max:float|None=None, # with 'karras': the first noise level (None: the schedule's largest σ)
            rho:float=7.0, # with 'karras': the exponent ρ of the spacing
+           guidance_scale:float|None=None, # classifier-free guidance w ≥ 0 with labels= (1: the conditional model, 0: unconditional; chapter 13)
+           guidance_interval:tuple|None=None, # guide only where σ_lo < σ_t ≤ σ_hi, (σ_lo, σ_hi); the conditional model elsewhere
            **model_kwargs, # passed on to the model (e.g. labels=)
           ) -> torch.Tensor:
     "Sample x_0 from the starting noise `x` with one of six samplers; matches diffusers' schedulers (see the tests)."
     _check_sample_args(model, schedule, x, sampler, steps, eta, spacing, generator, variance, callback, clip_sample, sigma_min, sigma_max, rho)
+    guidance = _check_guidance(model, x, guidance_scale, guidance_interval, model_kwargs)
     ts, sig = _plan(schedule, sampler, steps, spacing, sigma_min, sigma_max, rho)
     _warn_start(schedule, ts, sig, clip_sample)
-    f = _eps_fn(model, x, ts, model_kwargs)
+    f = _eps_fn(model, x, ts, model_kwargs, guidance, schedule)
     if sampler in ('ddpm', 'ddim'): return _loop_ddpm_ddim(f, schedule, x, ts, sampler, eta, variance, generator, callback, clip_sample)
     if sampler in SIGMA_SAMPLERS: return _loop_sigma(f, x, ts, sig, sampler, spacing, generator, callback, clip_sample)
     return _loop_dpm(f, x, ts, sig, callback, clip_sample)

@@ -48,6 +48,7 @@ from diffcourse import cli, metrics
 from diffcourse import vae as V
 from diffcourse.latent import load_latents, encode_images, vae_entry, ConditionalMLPDenoiser
 from diffcourse.dit import DiT, patchify
+from diffcourse.guidance import drop_labels, CFGLoss
 
 ROOT = Path(__file__).parent.parent
 
@@ -303,14 +304,61 @@ BAD = [
      ["x is 12x12 but this DiT was built for 8x8 images (image_size=8)"]),
     ('dit-t-shape', lambda tmp: DIT_C(X, torch.tensor([1])), ValueError, ["t must have shape (B,) = (2,)", "got (1,)"]),
     ('dit-patchify-size', lambda tmp: patchify(X, 3), ValueError, ["patch_size=3 does not divide the image size 8x8"]),
+    # --- classifier-free guidance (chapter 13): every check before the model is called (NOCALL raises AssertionError if it is)
+    ('guidance-scale-without-labels', lambda tmp: sample(NOCALL, S, X, guidance_scale=2.0), ValueError,
+     ["guidance_scale needs the class labels to guide towards: pass labels="]),
+    ('guidance-labels-to-unconditional', lambda tmp: sample(NOCALL_U, S, X, labels=torch.tensor([0, 1]), guidance_scale=2.0), ValueError,
+     ["labels were given but this _NoCall is unconditional (num_classes=None)", "drop labels="]),
+    ('guidance-labels-length', lambda tmp: sample(NOCALL, S, X, labels=torch.tensor([0, 1, 2]), guidance_scale=2.0), ValueError,
+     ["labels must be integer class labels of shape (2,)", "got Tensor (3,)"]),
+    ('guidance-labels-out-of-range', lambda tmp: sample(NOCALL, S, X, labels=torch.tensor([0, 11]), guidance_scale=2.0), ValueError,
+     ["labels must lie in [0, 9] (or 10, the null label) for a model with num_classes=10", "from 0 to 11"]),
+    ('guidance-labels-negative', lambda tmp: sample(NOCALL, S, X, labels=torch.tensor([-1, 2])), ValueError,
+     ["labels must lie in [0, 9]", "from -1 to 2"]),
+    ('guidance-labels-float', lambda tmp: sample(NOCALL, S, X, labels=torch.tensor([0., 1.]), guidance_scale=2.0), ValueError,
+     ["labels must be integer class labels of shape (2,)", "torch.float32"]),
+    ('guidance-scale-negative', lambda tmp: sample(NOCALL, S, X, labels=torch.tensor([0, 1]), guidance_scale=-1.0), ValueError,
+     ["guidance_scale must be a finite number >= 0", "got -1.0"]),
+    ('guidance-scale-nan', lambda tmp: sample(NOCALL, S, X, labels=torch.tensor([0, 1]), guidance_scale=float('nan')), ValueError,
+     ["guidance_scale must be a finite number >= 0", "got nan"]),
+    ('guidance-scale-inf', lambda tmp: sample(NOCALL, S, X, labels=torch.tensor([0, 1]), guidance_scale=float('inf')), ValueError,
+     ["guidance_scale must be a finite number >= 0", "got inf"]),
+    ('guidance-scale-string', lambda tmp: sample(NOCALL, S, X, labels=torch.tensor([0, 1]), guidance_scale='3'), ValueError,
+     ["guidance_scale must be a finite number >= 0", "got '3'"]),
+    ('guidance-model-without-null-label', lambda tmp: sample(lambda x, t, labels: x, S, X, labels=torch.tensor([0, 1]), guidance_scale=2.0), ValueError,
+     ["guidance_scale needs a class-conditional model whose num_classes gives the null label", "num_classes=None"]),
+    ('guidance-interval-reversed', lambda tmp: sample(NOCALL, S, X, labels=torch.tensor([0, 1]), guidance_scale=2.0, guidance_interval=(5.0, 1.0)), ValueError,
+     ["guidance_interval must be (σ_lo, σ_hi) with 0 <= σ_lo < σ_hi", "got (5.0, 1.0)"]),
+    ('guidance-interval-without-scale', lambda tmp: sample(NOCALL, S, X, labels=torch.tensor([0, 1]), guidance_interval=(0.5, 5.0)), ValueError,
+     ["guidance_interval applies with guidance_scale only"]),
+    ('guidance-pretrained-negative-scale', lambda tmp: _pretrained_nocall().sample(2, labels=torch.tensor([0, 1]), guidance_scale=-2), ValueError,
+     ["guidance_scale must be a finite number >= 0", "got -2"]),
+    ('guidance-cfgloss-unconditional', lambda tmp: CFGLoss(S)(ResUNet(channels=(8,), attention=(False,), norm_groups=4), (X, torch.tensor([0, 1]))), ValueError,
+     ["CFGLoss needs a class-conditional model (with num_classes", "ResUNet without one"]),
+    ('guidance-cfgloss-p', lambda tmp: CFGLoss(S, p_uncond=1.5), ValueError, ["p_uncond must be a probability in [0, 1]", "got 1.5"]),
+    ('guidance-drop-labels-float', lambda tmp: drop_labels(torch.tensor([0.5]), 10, 0.1), ValueError, ["labels must be an integer tensor (B,)"]),
 ]
+
+
+class _NoCall(nn.Module):
+    "A class-conditional 1-channel model that declares what `sample` checks and fails the test if it is ever called."
+    def __init__(self, num_classes=10): super().__init__(); self.num_classes, self.in_channels, self.w = num_classes, 1, nn.Parameter(torch.zeros(1))
+    def forward(self, x, t, labels=None): raise AssertionError("the model was called before the bad input was caught")
+
+NOCALL, NOCALL_U = _NoCall(), _NoCall(None)
+
+def _pretrained_nocall():
+    from diffcourse import pretrained
+    pre = pretrained.load('fmnist-dit')
+    pre.model.forward = NOCALL.forward
+    return pre
 
 
 def test_bad_input_table_is_broad():
     "At least 30 distinct bad inputs, over every kind of entry point."
     assert len(BAD) >= 30 and len({b[0] for b in BAD}) == len(BAD)
     kinds = {b[0].split('-')[0] for b in BAD}
-    assert {'schedule', 'add_noise', 'ConvUNet', 'ResUNet', 'ResAttnUNet', 'sample', 'pretrained', 'learner', 'cli', 'metrics', 'dit'} <= kinds
+    assert {'schedule', 'add_noise', 'ConvUNet', 'ResUNet', 'ResAttnUNet', 'sample', 'pretrained', 'learner', 'cli', 'metrics', 'dit', 'guidance'} <= kinds
 
 
 @pytest.mark.parametrize('call, exc, fragments', [pytest.param(*b[1:], id=b[0]) for b in BAD])
