@@ -10,7 +10,8 @@ from diffcourse.schedules import NoiseSchedule
 from diffcourse.samplers import sample, SAMPLERS, n_model_calls, sigmas_for, sampler_timesteps
 from diffcourse.unet import ResUNet
 from diffcourse.dit import DiT
-from diffcourse.guidance import drop_labels, CFGLoss
+from diffcourse.guidance import drop_labels, CFGLoss, MixtureEps
+import numpy as np
 from diffcourse.ddpm import DiffusionLoss
 
 SCHED = NoiseSchedule.cosine(1000)
@@ -140,3 +141,118 @@ def test_shipped_dit_samples_with_guidance():
     b = dit.sample(3, steps=4, labels=y, guidance_scale=2.0)
     c = dit.sample(3, steps=4, labels=y)
     assert a.shape == (3, 1, 28, 28) and torch.equal(a, b) and (a - c).abs().max() > 1e-2
+
+
+# ---------------------------------------------------------------- MixtureEps: exact scores of a Gaussian mixture
+
+def _mixture():
+    means = torch.tensor([[-1.0, 0.0], [-0.3, 0.8], [1.0, 0.0], [0.3, 0.8], [0.0, -0.5], [0.0, -1.3]])
+    return MixtureEps(SCHED, means, 0.4, [0, 0, 1, 1, 2, 2], weights=[1, 2, 1, 1, 3, 1]), means
+
+
+def _logp(means, t, keep, weights):
+    ab = SCHED.alphas_cumprod[t].double()
+    comp = torch.distributions.Independent(torch.distributions.Normal(ab.sqrt() * means[keep].double(), (ab * 0.16 + 1 - ab).sqrt().expand(int(keep.sum()), 2)), 1)
+    return torch.distributions.MixtureSameFamily(torch.distributions.Categorical(weights[keep]), comp)
+
+
+@pytest.mark.parametrize('t', [0, 50, 400, 900, 999])
+def test_mixture_eps_is_the_scaled_score_of_the_noisy_mixture(t):
+    mix, means = _mixture()
+    w = torch.tensor([1, 2, 1, 1, 3, 1], dtype=torch.float64)
+    cls = torch.tensor([0, 0, 1, 1, 2, 2])
+    x = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(t), requires_grad=True)
+    for label in (0, 1, 2, 3):
+        keep = torch.ones(6, dtype=torch.bool) if label == 3 else cls == label
+        grad, = torch.autograd.grad(_logp(means, t, keep, w).log_prob(x).sum(), x)
+        eps = mix(x.detach(), torch.full((6,), t), labels=torch.full((6,), label))
+        torch.testing.assert_close(eps, -(1 - SCHED.alphas_cumprod[t].double()).sqrt() * grad, atol=1e-9, rtol=1e-7)
+    torch.testing.assert_close(mix(x.detach(), torch.full((6,), t)), mix(x.detach(), torch.full((6,), t), labels=torch.full((6,), 3)))
+
+
+def test_mixture_eps_interpolates_fractional_timesteps():
+    mix, _ = _mixture()
+    x = torch.randn(3, 2, dtype=torch.float64)
+    a, b = mix(x, torch.full((3,), 400)), mix(x, torch.full((3,), 401))
+    mid = mix(x, torch.full((3,), 400.5))
+    assert (mid - a).abs().max() > 0 and (mid - b).abs().max() > 0 and ((mid - a).abs() <= (b - a).abs() + 1e-12).all()
+
+
+def test_guidance_on_exact_scores_raises_accuracy_and_w1_samples_the_class():
+    "With exact scores, w = 1 draws the class distribution and larger w puts more points where their class is most probable."
+    mix, means = _mixture()
+    n = 400
+    y = torch.arange(3).repeat_interleave(n)
+    xT = torch.randn(3 * n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cls = torch.tensor([0, 0, 1, 1, 2, 2]); w_ = torch.tensor([1, 2, 1, 1, 3, 1], dtype=torch.float64)
+    def acc(p):
+        lp = torch.stack([_logp(means, 0, cls == c, w_).log_prob(p) for c in range(3)], 1)
+        return (lp.argmax(1) == y).double().mean().item()
+    res = {w: acc(sample(mix, SCHED, xT, sampler='ddim', steps=50, labels=y, guidance_scale=w)) for w in (0, 1, 2)}
+    means_w1 = sample(mix, SCHED, xT, sampler='ddim', steps=50, labels=y, guidance_scale=1)
+    for c in range(3):     # the class mean of the samples is the mixture's class mean (weights within the class)
+        m = (w_[cls == c, None] * means[cls == c].double()).sum(0) / w_[cls == c].sum()
+        assert (means_w1[y == c].mean(0) - m).norm() < 0.08
+    assert res[0] < 0.5 < res[1] < res[2]
+
+
+def test_mixture_eps_bad_input():
+    with pytest.raises(ValueError, match=r"means must be \(K, D\)"): MixtureEps(SCHED, torch.zeros(3), 0.3, [0, 1, 2])
+    with pytest.raises(ValueError, match="positive stds and weights"): MixtureEps(SCHED, torch.zeros(3, 2), -1.0, [0, 1, 2])
+    with pytest.raises(ValueError, match="K class labels"): MixtureEps(SCHED, torch.zeros(3, 2), 0.3, [0, 1])
+    with pytest.raises(TypeError, match="schedule must be a NoiseSchedule"): MixtureEps('cosine', torch.zeros(3, 2), 0.3, [0, 1, 2])
+
+
+# ---------------------------------------------------------------- the sweep and the explorer
+
+class _FakePre:
+    "A stand-in for a Pretrained class-conditional model: `sample` returns images that the classifier's stub reads as the label with a probability rising in w."
+    def __init__(self):
+        self.model = nn.Module(); self.model.num_classes = 10; self.calls = []
+        self.card = {'data': {'classes': [f'c{i}' for i in range(10)]}}
+    def sample(self, n, seed=0, labels=None, guidance_scale=None, **kw):
+        self.calls.append(dict(n=n, seed=seed, w=guidance_scale, **kw))
+        g = torch.Generator().manual_seed(seed)
+        return torch.rand(n, 1, 28, 28, generator=g) * 2 - 1
+
+
+def test_guidance_sweep_runs_every_scale_interval_and_seed(monkeypatch):
+    import diffcourse.guidance as G
+    monkeypatch.setattr(G, 'features', lambda x: x.reshape(len(x), -1)[:, :8].double())
+    monkeypatch.setattr(G, 'predict', lambda x: torch.zeros(len(x), dtype=torch.long))   # a classifier stub that always says class 0
+    pre = _FakePre()
+    ref = (torch.rand(400, 1, 28, 28) * 2 - 1, torch.arange(400) % 10)
+    rows = G.guidance_sweep(pre, [1, 3], ref, n=200, seeds=(0, 1), intervals=(None, (0.5, 2.0)), keep=4, progress=False, steps=7)
+    assert len(rows) == 8 and len(pre.calls) == 8
+    assert [(r['scale'], r['interval'], r['seed']) for r in rows][:4] == [(1, None, 0), (1, None, 1), (1, (0.5, 2.0), 0), (1, (0.5, 2.0), 1)]
+    assert all(c['steps'] == 7 for c in pre.calls) and pre.calls[2]['guidance_interval'] == (0.5, 2.0) and 'guidance_interval' not in pre.calls[0]
+    r = rows[0]
+    assert r['n'] == 200 and r['samples'].shape == (4, 1, 28, 28) and len(r['class_fid']) == len(r['class_kid']) == 10
+    assert r['class_accuracy'] == pytest.approx(0.1)                 # a tenth of the asked-for labels are 0
+    assert r['fid'] >= 0 and r['seconds_per_sample'] > 0
+    tab = G.sweep_table(rows, 'class_accuracy')
+    assert set(tab) == {(1, None), (1, (0.5, 2.0)), (3, None), (3, (0.5, 2.0))} and tab[1, None][0] == pytest.approx(0.1)
+    f = G.sweep_table(rows, 'fid')[1, None]
+    assert f[0] == pytest.approx(np.mean([rows[0]['fid'], rows[1]['fid']])) and f[1] == pytest.approx(np.std([rows[0]['fid'], rows[1]['fid']], ddof=1))
+
+
+def test_guidance_sweep_and_explorer_refuse_unconditional_models():
+    import diffcourse.guidance as G
+    pre = _FakePre(); pre.model.num_classes = None
+    ref = (torch.zeros(10, 1, 28, 28), torch.zeros(10, dtype=torch.long))
+    with pytest.raises(ValueError, match="guidance_sweep needs a class-conditional model"): G.guidance_sweep(pre, [1], ref, progress=False)
+    with pytest.raises(ValueError, match="guidance_explorer needs a class-conditional model"): G.guidance_explorer(pre)
+    pre.model.num_classes = 10
+    with pytest.raises(ValueError, match="n must be an int of at least 2·num_classes = 20"): G.guidance_sweep(pre, [1], ref, n=10, progress=False)
+    with pytest.raises(ValueError, match=r"reference must be \(images, labels\)"): G.guidance_sweep(pre, [1], ref[0], progress=False)
+
+
+def test_guidance_explorer_draws_and_redraws(monkeypatch):
+    import matplotlib; matplotlib.use('Agg')
+    import diffcourse.guidance as G
+    pre = _FakePre()
+    panel = G.guidance_explorer(pre, n=3)
+    assert len(pre.calls) == 1 and pre.calls[0]['w'] == 2.0 and pre.calls[0]['sampler'] == 'dpmpp_2m'
+    cls_menu, scale = panel.children[0].children
+    scale.value = 5.0; cls_menu.value = 4
+    assert len(pre.calls) == 3 and pre.calls[-1]['w'] == 5.0
