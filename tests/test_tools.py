@@ -68,6 +68,27 @@ def test_train_dit_exports_loads_and_samples_with_labels(tmp_path, monkeypatch):
     assert x.shape == (4, 1, 28, 28) and torch.isfinite(x).all()
 
 
+
+def test_train_dit_net_unet_trains_a_guidable_unet_with_label_dropout(tmp_path, monkeypatch):
+    "tools/train_dit.py --net unet: a class-conditional ResUNet trained with CFGLoss, exported, loaded and sampled with guidance."
+    monkeypatch.setenv('DIFFCOURSE_CACHE', str(tmp_path / 'cache'))
+    from diffcourse.pretrained import load
+    from diffcourse import guidance
+    seen = []
+    orig = guidance.drop_labels
+    monkeypatch.setattr(guidance, 'drop_labels', lambda *a, **k: (seen.append(a[1:3]), orig(*a, **k))[1])
+    run, folder = tmp_path / 'run', tmp_path / 'weights'
+    _tool('train_dit').main(['--net', 'unet', '--channels', '16,32', '--model_kwargs', '{"attention": [false, false]}', '--minutes', '0.03',
+                             '--speed', 'fp32', '--batch_size', '8', '--class_dropout', '0.2', '--out', str(run)])
+    assert seen and seen[0] == (10, 0.2)                                  # labels dropped to the null label 10 with p = 0.2
+    export_command(str(run), name='tiny-cfg', folder=str(folder))
+    pre = load('tiny-cfg', folder=folder)
+    assert pre.card['model']['class'] == 'ResUNet' and pre.model.num_classes == 10 and list(pre.model.config['channels']) == [16, 32]
+    assert '--net unet' in pre.card['command'] and '--patch_size' not in pre.card['command'] and pre.card['training']['class_dropout'] == 0.2
+    y = torch.tensor([0, 1, 2, 3])
+    a, b = pre.sample(4, steps=3, labels=y, guidance_scale=3.0), pre.sample(4, steps=3, labels=y)
+    assert a.shape == (4, 1, 28, 28) and torch.isfinite(a).all() and (a - b).abs().max() > 0
+
 def test_dit_study_records_curves_and_scores_and_skips_done_runs(tmp_path, capsys):
     "tools/dit_variants.py --study patches: one run per patch size and seed, its held-out curve and sample scores, kept across reruns."
     out = tmp_path / 'patches.json'
