@@ -16,7 +16,17 @@ PENDING: set = set()
 
 # Stale stamps accepted for now: chapter -> (the modules allowed to differ from its stamp, why). Every other module is
 # still checked; an entry must be removed when the chapter is re-run (test_accepted_stale_entries_are_really_stale).
-ACCEPTED_STALE: dict = {}   # chapter stem -> (modules whose change it may lag behind, why): none now
+ACCEPTED_STALE: dict = {   # chapter stem -> (modules whose change it may lag behind, why)
+    '12_dit': ({'diffcourse._modidx', 'diffcourse.samplers'},
+               "samplers.sample gained labels checks, guidance_scale and guidance_interval (chapter 13); without them every sampler "
+               "makes the same model calls as before (tests/test_samplers.py's diffusers parity, tests/test_guidance.py), and _modidx "
+               "only lists the new names, so 12's outputs would change only in timings. Its full re-run (35 min on two threads) did "
+               "not fit the session that made the change: re-run it next."),
+    '07_unet_comparison': ({'diffcourse.samplers'},
+               "samplers.sample gained labels checks, guidance_scale and guidance_interval (chapter 13); 07 samples unconditional "
+               "UNets without them, so the same model calls as before and outputs that would change only in timings. Its full "
+               "re-run (12-17 min on two threads) did not fit the session that made the change: re-run it next."),
+}
 
 
 def has_outputs(nb) -> bool: return any(c.get('outputs') for c in nb['cells'] if c['cell_type'] == 'code')
