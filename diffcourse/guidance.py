@@ -12,7 +12,7 @@ from torch import nn
 
 from .ddpm import DiffusionLoss
 from .schedules import NoiseSchedule
-from .metrics import features, fid, kid, predict
+from .metrics import features, fid, kid, class_accuracy
 
 # %% auto #0
 __all__ = ['MixtureEps', 'drop_labels', 'CFGLoss', 'guidance_sweep', 'sweep_table', 'guidance_explorer']
@@ -134,7 +134,7 @@ def guidance_sweep(pre, # a class-conditional model with `.sample(n, seed=, labe
         f = features(x)
         per = _class_scores(f, y, ref_f, ref_y, nc)
         row = dict(scale=w, interval=iv, seed=s, n=n, fid=fid(f, ref_f), kid=kid(f, ref_f)[0],
-                   class_accuracy=(predict(x) == y).double().mean().item(),
+                   class_accuracy=class_accuracy(x, y),
                    class_fid=[p[0] for p in per], class_kid=[p[1] for p in per], seconds_per_sample=secs)
         if keep: row['samples'] = x[:keep]
         rows.append(row)
@@ -156,7 +156,6 @@ def guidance_explorer(pre, # a class-conditional model with `.sample(n, seed=, l
     "An ipywidgets panel: pick a class, a guidance scale, a sampler and a step count, and see `n` samples of that class."
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
-    from IPython.display import display
     from diffcourse.core import show_images
     from diffcourse.samplers import SAMPLERS
     nc = getattr(getattr(pre, 'model', pre), 'num_classes', None)

@@ -219,7 +219,7 @@ class _FakePre:
 def test_guidance_sweep_runs_every_scale_interval_and_seed(monkeypatch):
     import diffcourse.guidance as G
     monkeypatch.setattr(G, 'features', lambda x: x.reshape(len(x), -1)[:, :8].double())
-    monkeypatch.setattr(G, 'predict', lambda x: torch.zeros(len(x), dtype=torch.long))   # a classifier stub that always says class 0
+    monkeypatch.setattr(G, 'class_accuracy', lambda x, y: (y == 0).double().mean().item())   # a classifier stub that always says class 0
     pre = _FakePre()
     ref = (torch.rand(400, 1, 28, 28) * 2 - 1, torch.arange(400) % 10)
     rows = G.guidance_sweep(pre, [1, 3], ref, n=200, seeds=(0, 1), intervals=(None, (0.5, 2.0)), keep=4, progress=False, steps=7)
