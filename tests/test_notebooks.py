@@ -17,10 +17,10 @@ PENDING: set = set()
 # Stale stamps accepted for now: chapter -> (the modules allowed to differ from its stamp, why). Every other module is
 # still checked; an entry must be removed when the chapter is re-run (test_accepted_stale_entries_are_really_stale).
 ACCEPTED_STALE: dict = {   # chapter stem -> (modules whose change it may lag behind, why)
-    '12_dit': ({'diffcourse._modidx', 'diffcourse.samplers'},
+    '12_dit': ({'diffcourse.samplers'},
                "samplers.sample gained labels checks, guidance_scale and guidance_interval (chapter 13); without them every sampler "
-               "makes the same model calls as before (tests/test_samplers.py's diffusers parity, tests/test_guidance.py), and _modidx "
-               "only lists the new names, so 12's outputs would change only in timings. Its full re-run (35 min on two threads) did "
+               "makes the same model calls as before (tests/test_samplers.py's diffusers parity, tests/test_guidance.py), "
+               "so 12's outputs would change only in timings. Its full re-run (35 min on two threads) did "
                "not fit the session that made the change: re-run it next."),
     '07_unet_comparison': ({'diffcourse.samplers'},
                "samplers.sample gained labels checks, guidance_scale and guidance_interval (chapter 13); 07 samples unconditional "
@@ -86,3 +86,38 @@ def test_the_check_bites(tmp_path, monkeypatch):
     assert stale_modules(st) == ['diffcourse.a']
     (pkg / 'a.py').unlink()
     assert stale_modules(st) == ['diffcourse.a']
+
+
+def test_comments_and_docstrings_are_not_code(tmp_path, monkeypatch):
+    "Docments, comments and docstrings do not stale a stamp (nothing stored prints them); the CLI's do, since they are its --help."
+    import run_full
+    pkg = tmp_path / 'diffcourse'; pkg.mkdir()
+    monkeypatch.setattr(run_full, 'ROOT', tmp_path)
+    src = 'def f(x:int=1, # how many\n      ):\n    "Say it."\n    return x\n'
+    doc = 'def f(x:int=1, # how many things to add, at least 1\n      ):\n    "Return `x`, unchanged."\n    # a comment\n    return x\n'
+    for name in ('a', 'cli'):
+        (pkg / f'{name}.py').write_text(src)
+        st = {'modules': {f'diffcourse.{name}': module_hash(pkg / f'{name}.py')}}
+        (pkg / f'{name}.py').write_text(doc)
+        assert stale_modules(st) == ([] if name == 'a' else ['diffcourse.cli'])
+        (pkg / f'{name}.py').write_text(doc.replace('return x', 'return x + 1'))
+        assert stale_modules(st) == [f'diffcourse.{name}']
+        (pkg / f'{name}.py').write_text(doc.replace('x:int=1', 'x:int=2'))     # a default is code
+        assert stale_modules(st) == [f'diffcourse.{name}']
+
+
+def test_restamp_moves_only_what_is_unchanged(tmp_path, monkeypatch):
+    "`run_full.py --restamp` moves a text-hash stamp to the code hash where the module is as the run saw it, drops _modidx, keeps stale stale."
+    import run_full
+    pkg = tmp_path / 'diffcourse'; pkg.mkdir()
+    monkeypatch.setattr(run_full, 'ROOT', tmp_path)
+    (pkg / 'a.py').write_text('def f(): return 1 # same\n'); (pkg / 'b.py').write_text('def g(): return 1\n')
+    (pkg / '_modidx.py').write_text('d = {}\n')
+    old = {f'diffcourse.{m}': run_full._text_hash(pkg / f'{m}.py') for m in ('a', 'b', '_modidx')}
+    (pkg / 'b.py').write_text('def g(): return 2\n')                               # changed after the run
+    nb = tmp_path / 'x.ipynb'
+    nb.write_text(json.dumps({'cells': [], 'metadata': {STAMP_KEY: {'full_run': {'date': 'd', 'modules': dict(old)}}}}))
+    assert sorted(run_full.restamp(nb)) == ['diffcourse._modidx', 'diffcourse.a']
+    st = stamp(json.loads(nb.read_text()))
+    assert set(st['modules']) == {'diffcourse.a', 'diffcourse.b'} and stale_modules(st) == ['diffcourse.b']
+    assert st['modules']['diffcourse.a'] == module_hash(pkg / 'a.py') != old['diffcourse.a']
