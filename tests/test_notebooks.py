@@ -104,6 +104,23 @@ def test_comments_and_docstrings_are_not_code(tmp_path, monkeypatch):
         assert stale_modules(st) == [f'diffcourse.{name}']
         (pkg / f'{name}.py').write_text(doc.replace('x:int=1', 'x:int=2'))     # a default is code
         assert stale_modules(st) == [f'diffcourse.{name}']
+        (pkg / f'{name}.py').write_text(doc.replace('x:int=1', 'x:float|None=1').replace('):', ') -> int:'))   # hints are not
+        assert stale_modules(st) == ([] if name == 'a' else ['diffcourse.cli'])
+
+
+def test_hints_that_run_are_code(tmp_path, monkeypatch):
+    "A @patch function's first hint picks its class, and a NamedTuple's or dataclass's hints are its fields: changing them stales."
+    import run_full
+    pkg = tmp_path / 'diffcourse'; pkg.mkdir()
+    monkeypatch.setattr(run_full, 'ROOT', tmp_path)
+    src = '@patch\ndef f(self:A, x:int=1): return x\nclass P(NamedTuple):\n    a: int\n'
+    (pkg / 'a.py').write_text(src)
+    st = {'modules': {'diffcourse.a': module_hash(pkg / 'a.py')}}
+    (pkg / 'a.py').write_text(src.replace('x:int', 'x:float'))
+    assert stale_modules(st) == []
+    for changed in (src.replace('self:A', 'self:B'), src.replace('a: int', 'a: int\n    b: int')):
+        (pkg / 'a.py').write_text(changed)
+        assert stale_modules(st) == ['diffcourse.a']
 
 
 def test_restamp_moves_only_what_is_unchanged(tmp_path, monkeypatch):

@@ -7,9 +7,9 @@ Each notebook is executed top to bottom in its own folder (quick mode off: IN_TE
 DIFFCOURSE_QUICK are removed from the environment; DIFFCOURSE_OFFLINE=1 unless --online, so a loader
 whose data is missing shows its offline message rather than a failed download), its outputs are written back, and its metadata
 gets `diffcourse.full_run`: the date, the wall time, torch's version, and a hash of the code of every
-`diffcourse` module the kernel had imported by the end (its syntax tree without docstrings, so editing
-docments and docstrings does not call for re-running chapters; cli.py is hashed as text, since its
-docments are the commands' --help). `tests/test_notebooks.py` recomputes the
+`diffcourse` module the kernel had imported by the end (its syntax tree without docstrings and parameter
+hints, so editing docments, docstrings and hints does not call for re-running chapters; cli.py is hashed
+as text, since its docments and hints make the commands' --help). `tests/test_notebooks.py` recomputes the
 hashes from diffcourse/*.py and fails for a notebook whose stored outputs came from code that has
 changed since. Then `nbdev_clean` tidies the notebook (settings.ini keeps this metadata key).
 """
@@ -36,14 +36,27 @@ def _text_hash(path:Path) -> str:
     return hashlib.sha256('\n'.join(lines).encode()).hexdigest()[:16]
 
 
+def _patched(fn) -> bool:
+    "Is `fn` decorated with fastcore's @patch (which reads its first parameter's hint to choose the class)?"
+    return any('patch' in ast.unparse(d) for d in fn.decorator_list)
+
+
 def _code_hash(path:Path) -> str:
-    "sha256 of a module's syntax tree without docstrings: comments (docments), docstrings and layout are not code."
+    """sha256 of a module's syntax tree without docstrings and without the hints on function parameters and returns:
+    comments (docments), docstrings, hints and layout do not change what the code computes. Kept: defaults, the fields
+    of dataclasses and NamedTuples (hints in a class body), and the first parameter's hint of a @patch function."""
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
         body = getattr(node, 'body', None)
         if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
                 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
             node.body = body[1:] or [ast.Pass()]
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            a = node.args
+            keep = a.args[0] if isinstance(node, ast.FunctionDef) and _patched(node) and a.args else None
+            for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg]:
+                if arg is not None and arg is not keep: arg.annotation = None
+            if not isinstance(node, ast.Lambda): node.returns = None
     return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:16]
 
 
