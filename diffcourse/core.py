@@ -21,7 +21,9 @@ def is_quick() -> bool:
     "True when chapters should run with quick settings: `IN_TEST` or `DIFFCOURSE_QUICK` is set."
     return any(os.environ.get(k, '').strip().lower() not in _FALSE for k in ('IN_TEST', 'DIFFCOURSE_QUICK'))
 
-def pick(full, quick):
+def pick(full, # the value for a full run
+         quick, # the value in quick mode (`IN_TEST` or `DIFFCOURSE_QUICK` set)
+        ):
     "`quick` in quick mode (see `is_quick`), else `full`: one line per setting that differs."
     return quick if is_quick() else full
 
@@ -108,7 +110,7 @@ def show_images(images, # a batch of images, (B, C, H, W) or fewer dims, in [-1,
                 suptitle:str|None=None, # a title over the whole figure
                 imsize:float=1.0, # inches per image
                 value_range:tuple|None=None, # passed to `to_unit`
-                ax=None, # an existing matplotlib axis for the tiled grid (not with `titles`)
+                ax:'plt.Axes|None'=None, # an existing matplotlib axis for the tiled grid (not with `titles`)
                ):
     "Show a batch of images as a grid; returns the matplotlib figure."
     import matplotlib.pyplot as plt
@@ -159,10 +161,16 @@ def _frame_to_pil(frame, nrow, scale, value_range):
 
 class Animation:
     "A GIF in memory: shows inline in notebooks and docs, and can be saved."
-    def __init__(self, data:bytes, path:Path|None=None, n_frames:int=0): self.data, self.path, self.n_frames = data, path, n_frames
+    def __init__(self, data:bytes, # the GIF file's bytes
+                 path:Path|None=None, # where it was written, if it was (shown by `repr`)
+                 n_frames:int=0, # frames in the GIF, the repeats of the last one included (shown by `repr`)
+                ): self.data, self.path, self.n_frames = data, path, n_frames
     def _repr_html_(self):
         return f'<img src="data:image/gif;base64,{base64.b64encode(self.data).decode()}" />'
-    def save(self, path): Path(path).write_bytes(self.data); return Path(path)
+    def save(self, path:str|Path, # the file to write the GIF to; its folder must exist
+            ) -> Path:
+        "Write the GIF to `path`; returns it as a `Path`."
+        Path(path).write_bytes(self.data); return Path(path)
     def __repr__(self): return f"Animation({self.n_frames} frames, {len(self.data)/1024:.0f} KiB{', ' + str(self.path) if self.path else ''})"
 
 def save_animation(frames, # a sequence of frames: image batches, images, (H, W, 3) uint8 arrays or matplotlib figures

@@ -40,7 +40,8 @@ class ImageData(Dataset):
     def __getitem__(self, i): return self.images[i], self.labels[i]
     @property
     def shape(self): return tuple(self.images.shape)
-    def titles(self, labels=None) -> list:
+    def titles(self, labels:torch.Tensor|list|None=None, # class indices, e.g. a batch's labels; None: every image's label
+              ) -> list:
         "Class names of `labels` (default: all labels), e.g. for `show_images(..., titles=...)`."
         labels = self.labels if labels is None else labels
         return [self.classes[int(l)] for l in labels]
@@ -195,11 +196,11 @@ def _places(subdir:str, path=None, system=()) -> list:
 
 def find_file(r:Remote, # the file to find
               subdir:str, # the dataset's folder name under $DIFFCOURSE_DATA and the cache
-              path=None, # explicit folder or file; must hold the data when given
+              path:str|Path|None=None, # explicit folder or file; must hold the data when given
               system=(), # folders where system packages put the data
               download:bool=True, # may it download into the cache?
               how:str='', # what to tell the user to do when nothing works
-              check=None, # function(path) -> contents; raises on a bad file (default: checksums of `r`)
+              check:'Callable|None'=None, # function(path) -> contents; raises on a bad file (default: checksums of `r`)
              ):
     "The verified contents of file `r`: the first good copy in the places a loader looks, else a download into the cache."
     check = check or (lambda p: _check_remote(p, r))

@@ -186,7 +186,7 @@ def ddpm_update(schedule:NoiseSchedule, # the forward process the model was trai
                 generator:torch.Generator|None=None, # draws the noise z (None: torch's global generator)
                 variance:str='beta', # σ_t²: 'beta' (β_t, diffusers' fixed_large) or 'posterior' (β̃_t, fixed_small)
                 noise:torch.Tensor|None=None, # z to use instead of drawing it, like x_t
-                prev_t=None, # the timestep to step to; None is t-1 (-1 means the end, x_0)
+                prev_t:int|torch.Tensor|None=None, # the timestep to step to; None is t-1 (-1 means the end, x_0)
                 clip_sample:float|None=None, # clamp the x0 estimate to [-clip_sample, clip_sample]; None leaves it
                ) -> DDPMStepOutput:
     "One ancestral step x_t -> x_{t-1} given the predicted noise; DDPMScheduler.step with prediction 'epsilon'."
@@ -230,7 +230,7 @@ def ddpm_step(model, # ε-predictor, called as model(x_t, t, **model_kwargs) wit
               generator:torch.Generator|None=None, # draws the noise z (None: torch's global generator)
               variance:str='beta', # 'beta' (β_t) or 'posterior' (β̃_t)
               noise:torch.Tensor|None=None, # z to use instead of drawing it
-              prev_t=None, # the timestep to step to; None is t-1
+              prev_t:int|torch.Tensor|None=None, # the timestep to step to; None is t-1
               clip_sample:float|None=None, # clamp the x0 estimate to [-clip_sample, clip_sample]
               **model_kwargs, # passed on to the model (e.g. labels=)
              ) -> DDPMStepOutput:

@@ -46,7 +46,7 @@ class Callback:
 
 def run_cbs(cbs:list, # callbacks
             event:str, # the event name, one of `EVENTS`
-            learn=None, # passed to each callback's method
+            learn:Learner|None=None, # passed to each callback's method
            ):
     "Call `event` on each callback in `cbs` that defines it, sorted by `order`."
     for cb in sorted(cbs, key=attrgetter('order')):
@@ -95,7 +95,8 @@ def preserve_rng():
     try: yield
     finally: set_rng_state(state)
 
-def data_generators(dl) -> list:
+def data_generators(dl, # a DataLoader, or anything with `generator`, `sampler` or `batch_sampler` attributes
+                   ) -> list:
     "The `torch.Generator`s a DataLoader draws its order from (its own, its sampler's), without repeats."
     found = []
     for obj in (dl, getattr(dl, 'sampler', None), getattr(getattr(dl, 'batch_sampler', None), 'sampler', None)):
@@ -174,22 +175,30 @@ class Learner:
         self.step = self.epoch = self.epochs_done = self.batches_done = self.iter = 0
         self.fit_args = {}
 
-    def add_cb(self, cb):
+    def add_cb(self, cb:Callback, # a callback instance (not its class)
+              ) -> Callback:
         "Add a callback instance."
         if isinstance(cb, type): raise TypeError(f"cbs must hold callback instances; got the class {cb.__name__} (write {cb.__name__}())")
         self.cbs.append(cb); return cb
 
-    def remove_cb(self, cb): self.cbs.remove(cb); return cb
+    def remove_cb(self, cb:Callback, # one of `self.cbs`
+                 ) -> Callback:
+        "Remove a callback instance; returns it."
+        self.cbs.remove(cb); return cb
     def _restore_pending(self): return None   # resuming from a checkpoint: defined in the Checkpoints section
 
-    def callback(self, event:str): run_cbs(self.cbs, event, self)
+    def callback(self, event:str, # one of `EVENTS`, run on every callback that defines it, by `order`
+                ): run_cbs(self.cbs, event, self)
 
     # --- actions a callback may replace for the length of a fit (see `_set_hooks`) ---
     def autocast(self): return contextlib.nullcontext()
-    def backward(self, loss): loss.backward()
+    def backward(self, loss:torch.Tensor, # the batch's scalar loss
+                ): loss.backward()
     def opt_step(self): self.opt.step()
-    def clip_grad_norm(self, max_norm:float): return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-    def reduce(self, loss) -> float: return loss.detach().float().item()
+    def clip_grad_norm(self, max_norm:float, # scale the gradients down so their global norm is at most this
+                      ): return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+    def reduce(self, loss:torch.Tensor, # the batch's scalar loss, returned as a Python float
+              ) -> float: return loss.detach().float().item()
 
     # --- what callbacks read ---
     @property
@@ -415,7 +424,9 @@ class EMACB(Callback):
     order = 10
     def __init__(self, decay:float=0.9999, # the largest decay, reached after the warm-up
                  warmup:str|None='linear', # see `ema_decay`
-                 inv_gamma:float=1.0, power:float=2/3, min_decay:float=0.0, # see `ema_decay`
+                 inv_gamma:float=1.0, # with warmup='power': γ in the decay 1 - (1 + s/γ)^-power, s the updates before this one
+                 power:float=2/3, # with warmup='power': the exponent in that decay
+                 min_decay:float=0.0, # see `ema_decay`
                 ):
         if not 0 <= decay < 1: raise ValueError(f"decay must be in [0, 1); got {decay!r}")
         ema_decay(2, decay, warmup)   # checks `warmup`
@@ -478,18 +489,24 @@ class LRScheduleCB(Callback):
 
 class OneCycleCB(LRScheduleCB):
     "The one-cycle schedule (see `one_cycle`)."
-    def __init__(self, pct_start:float=0.25, div:float=25., final_div:float=1e4):
+    def __init__(self, pct_start:float=0.25, # fraction of training spent warming up to the peak, the optimizer's lr
+                 div:float=25., # the learning rate starts at lr/div
+                 final_div:float=1e4, # and ends at lr/final_div
+                ):
         super().__init__(partial(one_cycle, pct_start=pct_start, div=div, final_div=final_div))
 
 class CosineCB(LRScheduleCB):
     "Linear warm-up then cosine decay (see `cosine_schedule`)."
-    def __init__(self, warmup:float=0.0, final:float=0.0):
+    def __init__(self, warmup:float=0.0, # fraction of training spent in a linear warm-up from 0 to the optimizer's lr
+                 final:float=0.0, # the multiplier of the learning rate at the end
+                ):
         super().__init__(partial(cosine_schedule, warmup=warmup, final=final))
 
 class GradClipCB(Callback):
     "Clip the gradients' global norm to `max_norm` after `backward`; keeps the norm before clipping in `learn.grad_norm`."
     order, in_lr_find = 0, True
-    def __init__(self, max_norm:float=1.0):
+    def __init__(self, max_norm:float=1.0, # the largest global norm of the gradients; must be positive
+                ):
         if not max_norm > 0: raise ValueError(f"max_norm must be positive; got {max_norm!r}")
         self.max_norm = max_norm
     def after_backward(self, learn): learn.grad_norm = float(learn.clip_grad_norm(self.max_norm))
@@ -894,7 +911,7 @@ def _restore_pending(self:Learner) -> dict|None:
 @patch
 def resume(self:Learner, path, # a checkpoint folder, or a folder of them (the latest is used)
            epochs:int|None=None, # a new budget; default: the one the run was started with
-           steps:int|None=None,
+           steps:int|None=None, # or: a new budget in optimizer steps (give at most one of `epochs` and `steps`)
            cbs:list|None=None, # callbacks for this fit only
           ):
     "Continue the run saved at `path`, so that it ends where the uninterrupted run would have ended."
@@ -993,7 +1010,12 @@ class ProgressCB(Callback):
 class LRFinderCB(Callback):
     "Grow the learning rate exponentially each step; record the smoothed loss; stop when it blows up."
     order, in_lr_find = 50, True
-    def __init__(self, start_lr:float=1e-7, end_lr:float=10., num_steps:int=100, stop_factor:float=4., beta:float=0.98):
+    def __init__(self, start_lr:float=1e-7, # the learning rate of the first step
+                 end_lr:float=10., # the learning rate of the last of `num_steps` steps
+                 num_steps:int=100, # steps over which the rate grows exponentially from `start_lr` to `end_lr`
+                 stop_factor:float=4., # cancel the fit when the smoothed loss exceeds this times its minimum
+                 beta:float=0.98, # weight of the past in the debiased moving average that smooths the loss
+                ):
         self.start_lr, self.end_lr, self.num_steps, self.stop_factor, self.beta = start_lr, end_lr, num_steps, stop_factor, beta
     def before_fit(self, learn): self.lrs, self.losses, self.best, self._avg = [], [], math.inf, 0.
     def before_batch(self, learn):
@@ -1009,7 +1031,9 @@ class LRFinderCB(Callback):
         self.best = min(self.best, smooth)
         if smooth > self.stop_factor * self.best: raise CancelFitException()
 
-def valley(lrs, losses) -> int:
+def valley(lrs:list|np.ndarray, # the sweep's learning rates (not used: the index comes from `losses` alone)
+           losses:list|np.ndarray, # the smoothed loss at each learning rate
+          ) -> int:
     "Index of the point a third of the way (plus a sixth) into the longest stretch of falling loss (fastai's 'valley')."
     n = len(losses); lds = [1] * n; start = end = 0
     for i in range(1, n):
@@ -1021,7 +1045,9 @@ def valley(lrs, losses) -> int:
 
 class LRFinderResult:
     "Learning rates and smoothed losses from `Learner.lr_find`, with suggestions and a plot."
-    def __init__(self, lrs, losses):
+    def __init__(self, lrs:list|np.ndarray, # the learning rate of each step of the sweep (at least 3), increasing
+                 losses:list|np.ndarray, # the smoothed loss at each of them
+                ):
         self.lrs, self.losses = np.array(lrs), np.array(losses)
         if len(self.lrs) < 3: raise ValueError(f"the LR finder recorded only {len(self.lrs)} steps; start lower or take more steps")
         i_min = int(np.argmin(self.losses))
@@ -1030,7 +1056,9 @@ class LRFinderResult:
         g = np.gradient(self.losses, np.log(self.lrs))
         self.lr_steep = float(self.lrs[skip + int(np.argmin(g[skip:max(i_min, skip + 1)]))])
         self.suggestion = float(self.lrs[valley(self.lrs, self.losses)])
-    def plot(self, ax=None):
+    def plot(self, ax:'plt.Axes|None'=None, # an existing matplotlib axis; None makes a new figure
+            ):
+        "Plot the smoothed loss against the learning rate (log scale), the three suggestions marked; returns the axis."
         import matplotlib.pyplot as plt
         if ax is None: _, ax = plt.subplots(figsize=(5, 3))
         ax.plot(self.lrs, self.losses)

@@ -31,7 +31,8 @@ class ClassifierBlock(nn.Module):
         self.skip = (nn.Identity() if ni == nf and stride == 1 else
                      nn.Sequential(nn.Conv2d(ni, nf, 1, stride, bias=False), nn.BatchNorm2d(nf)))
 
-    def forward(self, x):
+    def forward(self, x:torch.Tensor, # feature maps, (B, ni, H, W)
+               ) -> torch.Tensor:
         h = F.relu(self.bn1(self.conv1(x)))
         return F.relu(self.bn2(self.conv2(h)) + self.skip(x))
 
@@ -51,7 +52,8 @@ class FashionClassifier(nn.Module):
         self.drop, self.head = nn.Dropout(dropout), nn.Linear(chs[-1], num_classes)
         self.feature_dim, self.in_channels = chs[-1], in_channels
 
-    def features(self, x): # images (B, C, H, W) in [-1, 1]
+    def features(self, x:torch.Tensor, # images (B, C, H, W) in [-1, 1]
+                ) -> torch.Tensor:
         "The penultimate features: the last stage's activations averaged over space, (B, D)."
         return self.stages(self.stem(x)).mean((2, 3))                 # (B, D)
 
@@ -63,7 +65,7 @@ _classifiers = {}
 
 def load_classifier(device:str|torch.device='cpu', # where to put it
                     name:str=CLASSIFIER_NAME, # a shipped classifier (see `diffcourse.pretrained.available`)
-                    folder=None, # default the package's weights folder
+                    folder:'str|Path|None'=None, # default the package's weights folder
                    ) -> FashionClassifier:
     "The shipped Fashion-MNIST classifier, in eval mode and frozen (loaded once per device, then reused)."
     key = (name, str(torch.device(device)), None if folder is None else str(folder))
@@ -254,7 +256,7 @@ def metric_floor(pool_feats, # features of real images to draw from, e.g. of the
 # %% ../nbs/08_evaluation.ipynb #a6bd6f41
 def evaluate(images:torch.Tensor, # the images to judge, e.g. samples, (N, 1, 28, 28) in [-1, 1]
              reference:torch.Tensor, # real images to compare with, e.g. the test set
-             labels=None, # the class each image should show (conditional samples): adds class accuracy
+             labels:torch.Tensor|list|None=None, # the class each image should show (conditional samples): adds class accuracy
              classifier:nn.Module|None=None, # default the shipped `load_classifier()`
              subsets:int=10, # KID's disjoint blocks
              seed:int=0, # KID's shuffle

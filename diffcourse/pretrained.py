@@ -168,11 +168,11 @@ def available(folder:str|Path|None=None, # default the package's `WEIGHTS_DIR`
 @dataclass
 class Pretrained:
     "A shipped model: the network (`model`, eval mode), the `schedule` it was trained with (None for a classifier or a VAE), its `card`, and for a latent diffusion model the `vae` that decodes its samples."
-    name: str
-    model: nn.Module
-    schedule: NoiseSchedule|None
-    card: dict
-    vae: Pretrained|None = None
+    name: str                     # the name it was loaded by, e.g. 'fmnist-ddpm'
+    model: nn.Module              # the network, in eval mode, its gradients off
+    schedule: NoiseSchedule|None  # the schedule it was trained with; None for a classifier or a VAE
+    card: dict                    # its card, the JSON beside the weights: the model to build, its data and training, how to sample it
+    vae: Pretrained|None = None   # a latent diffusion model's VAE, which decodes its samples
 
     def __repr__(self):
         n = sum(p.numel() for p in self.model.parameters())
@@ -324,7 +324,7 @@ def generate(model:nn.Module, # ε-predictor, model(x_t, t)
              image_shape:tuple, # (C, H, W)
              steps:int|None=None, # sampler steps; None: all T for 'ddpm', 50 for the others
              seed:int=0, # seeds the starting noise and every step's noise
-             callback=None, # called as callback(i, t, x_t, x0_hat) after each step (x_t is then x at the next timestep)
+             callback:'Callable|None'=None, # called as callback(i, t, x_t, x0_hat) after each step (x_t is then x at the next timestep)
              progress:bool=False, # show a progress bar
              clip_sample:float|None=1.0, # clamp each x0 estimate to [-1, 1] (images live there); None leaves it
              sampler:str='ddpm', # one of `samplers.SAMPLERS`; 'ddpm' is the ancestral sampler

@@ -205,7 +205,7 @@ def dpmpp_2m_update(x:torch.Tensor, # current samples x_s in variance-preserving
                     sigma, # σ-space noise level of s (σ = sqrt((1-ᾱ)/ᾱ)), > 0
                     sigma_next, # σ-space level to step to (0: the end)
                     x0_prev:torch.Tensor|None=None, # x̂_0 of the previous step; None: a first-order step
-                    sigma_prev=None, # σ-space level of the previous step, with `x0_prev`
+                    sigma_prev:float|torch.Tensor|None=None, # σ-space level of the previous step, with `x0_prev`
                    ) -> torch.Tensor:
     "One DPM-Solver++ step in λ = log(α/σ): first order without `x0_prev`, else the 2M multistep update; DPMSolverMultistepScheduler."
     _check_eps(x0, x)

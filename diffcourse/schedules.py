@@ -139,7 +139,7 @@ def forward_step(self:NoiseSchedule, x_prev:torch.Tensor, # x_{t-1} (the clean x
 
 # %% ../nbs/02_forward.ipynb #5f0ab1c7
 @patch
-def snr(self:NoiseSchedule, t=None, # integer timesteps; None for all T
+def snr(self:NoiseSchedule, t:torch.Tensor|int|None=None, # integer timesteps; None for all T
        ) -> torch.Tensor:
     "Signal-to-noise ratio ᾱ_t / (1 - ᾱ_t), at `t` (on its device) or for every timestep."
     ac = self.alphas_cumprod.double()
@@ -150,7 +150,7 @@ def snr(self:NoiseSchedule, t=None, # integer timesteps; None for all T
 
 # %% ../nbs/02_forward.ipynb #f293fb16
 @patch
-def log_snr(self:NoiseSchedule, t=None, # integer timesteps; None for all T
+def log_snr(self:NoiseSchedule, t:torch.Tensor|int|None=None, # integer timesteps; None for all T
            ) -> torch.Tensor:
     "log(ᾱ_t / (1 - ᾱ_t)), at `t` (on its device) or for every timestep."
     ac = self.alphas_cumprod.double()
@@ -161,7 +161,7 @@ def log_snr(self:NoiseSchedule, t=None, # integer timesteps; None for all T
 
 # %% ../nbs/02_forward.ipynb #544b01b1
 def plot_schedules(schedules, # NoiseSchedules: one, a list, or a dict {label: schedule}
-                   axs=None, # two matplotlib axes to draw ᾱ and log-SNR on; None makes a new figure
+                   axs:'Sequence[plt.Axes]|None'=None, # two matplotlib axes to draw ᾱ and log-SNR on; None makes a new figure
                    figsize:tuple=(9, 3), # size of a new figure
                   ):
     "Plot ᾱ_t and log-SNR(t) against t for each schedule, side by side; returns the figure."

@@ -30,7 +30,8 @@ class TimeEmbedding(nn.Module):
         self.sin_dim, self.max_period = sin_dim, max_period
         self.mlp = nn.Sequential(nn.Linear(sin_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
-    def forward(self, t:torch.Tensor) -> torch.Tensor:
+    def forward(self, t:torch.Tensor, # timesteps, (B,) (integers or floats)
+               ) -> torch.Tensor:
         return self.mlp(timestep_embedding(t, self.sin_dim, self.max_period))    # (B, dim)
 
 # %% ../nbs/05_unets.ipynb #5f48df50

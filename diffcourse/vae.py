@@ -164,8 +164,8 @@ def _subplots(figsize=(4, 4)):
 
 def plot_latent(z:torch.Tensor, # 2D codes, (N, 2)
                 labels:torch.Tensor|None=None, # classes for the colours, (N,)
-                ax=None, # an existing axis
-                title:str|None=None,
+                ax:'plt.Axes|None'=None, # an existing axis; None makes a new figure
+                title:str|None=None, # a title over the plot
                 classes:list|None=None, # class names for a legend
                 lim:float|None=None, # the axes run from -lim to lim; None: fit the points
                ):
@@ -183,8 +183,8 @@ def train_autoencoder(model:nn.Module, # an `MLPVAE` or `ImageVAE`
                       data, # an `ImageData` (or a tensor of images)
                       loss_func, # e.g. `ELBOLoss()` or `AutoencoderLoss()`
                       steps:int, # optimizer steps
-                      batch_size:int=128,
-                      lr:float=2e-3,
+                      batch_size:int=128, # images per batch (an incomplete last batch is dropped)
+                      lr:float=2e-3, # AdamW's peak learning rate: linear warm-up over the first 5% of steps, then cosine decay to 0
                       seed:int=0, # seeds the weights' init (if `model` is a function) and the batch order
                       cbs:list=(), # more callbacks (e.g. `LatentScatterCB`, `MixedPrecisionCB`)
                       ema:float|None=None, # keep an EMA of the weights with this decay (and return it)
@@ -486,7 +486,7 @@ def ssim(a:torch.Tensor, # images (B, C, H, W)
 @torch.no_grad()
 def reconstruct(model:nn.Module, # an `ImageVAE` (or any model whose forward returns a `VAEOutput`)
                 images:torch.Tensor, # (N, C, H, W) in [-1, 1]
-                batch_size:int=500,
+                batch_size:int=500, # images per forward pass
                ) -> torch.Tensor:
     "decode(μ(x)) for every image, in eval mode, clamped to [-1, 1]."
     was = model.training; model.eval()
@@ -525,7 +525,7 @@ def pca_reconstruct(train:torch.Tensor, # images to fit the components on, (N, C
 @torch.no_grad()
 def latent_scale(model:nn.Module, # an `ImageVAE`
                  images:torch.Tensor, # the training images, (N, C, H, W)
-                 batch_size:int=1000,
+                 batch_size:int=1000, # images per forward pass
                 ) -> tuple[float, dict]:
     "1 / std of the unscaled latents μ(x) over `images`, and per-channel means and stds: the scale factor that gives latents of unit variance."
     was = model.training; model.eval()
