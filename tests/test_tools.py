@@ -102,3 +102,24 @@ def test_dit_study_records_curves_and_scores_and_skips_done_runs(tmp_path, capsy
     capsys.readouterr()
     _tool('dit_variants').main(args)                                          # done already: nothing is trained again
     assert json.loads(out.read_text()) == res and 'patch 7 seed 0' not in capsys.readouterr().out
+
+
+def test_parametrisation_study_trains_each_target_and_skips_done_runs(tmp_path, capsys):
+    "tools/param_study.py: one run per target and seed under a CPU budget, its held-out ε-MSE curve and FID/KID per sampler and steps, kept across reruns."
+    out = tmp_path / 'params.json'
+    args = ['--targets', 'v,flow', '--seeds', '0', '--minutes', '0.02', '--eval_every', '5', '--n', '200', '--steps', '2',
+            '--n_data', '256', '--n_held', '64', '--channels', '16', '--out', str(out)]
+    _tool('param_study').main(args)
+    res = json.loads(out.read_text())
+    assert [(r['target'], r['seed']) for r in res['runs']] == [('v', 0), ('flow', 0)]
+    v, flow = res['runs']
+    for r in res['runs']:
+        assert r['cpu_s'] >= 0.02 * 60 and r['curve'][-1][0] == r['steps_done'] and all(c[2] > 0 for c in r['curve'])
+    assert [(e['sampler'], e['steps']) for e in v['evals']] == [('ddim', 2)]
+    assert [(e['sampler'], e['steps']) for e in flow['evals']] == [('euler', 2), ('ddim', 2)] and all(e['fid'] > 0 for e in flow['evals'])
+    from safetensors.torch import load_file
+    pics = load_file(str(tmp_path / 'params_samples.safetensors'))
+    assert sorted(pics) == ['flow_ddim2', 'flow_euler2', 'v_ddim2'] and pics['v_ddim2'].shape == (8, 1, 28, 28) and pics['v_ddim2'].dtype == torch.uint8
+    capsys.readouterr()
+    _tool('param_study').main(args)                                           # done already: nothing is trained again
+    assert json.loads(out.read_text()) == res and 'seed 0' not in capsys.readouterr().out
