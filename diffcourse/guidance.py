@@ -24,7 +24,7 @@ class MixtureEps(nn.Module):
                  means, # component means (K, D)
                  stds, # component standard deviations (K,), or one number for all
                  classes, # the class of each component (K,), ints from 0
-                 weights=None, # component weights (K,); None: equal
+                 weights:torch.Tensor|list|None=None, # component weights (K,); None: equal
                 ):
         super().__init__()
         if not isinstance(schedule, NoiseSchedule): raise TypeError(f"schedule must be a NoiseSchedule; got {type(schedule).__name__}")
@@ -151,7 +151,7 @@ def sweep_table(rows:list, # from `guidance_sweep`
 # %% ../nbs/13_cfg.ipynb #9212f369
 def guidance_explorer(pre, # a class-conditional model with `.sample(n, seed=, labels=, guidance_scale=, sampler=, steps=)`
                       n:int=8, # samples per draw
-                      classes=None, # class names for the menu; None: the card's, else 0, 1, ...
+                      classes:list|None=None, # class names for the menu; None: the card's, else 0, 1, ...
                      ):
     "An ipywidgets panel: pick a class, a guidance scale, a sampler and a step count, and see `n` samples of that class."
     import ipywidgets as widgets
