@@ -22,10 +22,6 @@ ACCEPTED_STALE: dict = {   # chapter stem -> (modules whose change it may lag be
                "makes the same model calls as before (tests/test_samplers.py's diffusers parity, tests/test_guidance.py), "
                "so 12's outputs would change only in timings. Its full re-run (35 min on two threads) did "
                "not fit the session that made the change: re-run it next."),
-    '07_unet_comparison': ({'diffcourse.samplers'},
-               "samplers.sample gained labels checks, guidance_scale and guidance_interval (chapter 13); 07 samples unconditional "
-               "UNets without them, so the same model calls as before and outputs that would change only in timings. Its full "
-               "re-run (12-17 min on two threads) did not fit the session that made the change: re-run it next."),
 }
 
 
