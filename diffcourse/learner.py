@@ -46,7 +46,7 @@ class Callback:
 
 def run_cbs(cbs:list, # callbacks
             event:str, # the event name, one of `EVENTS`
-            learn:Learner|None=None, # passed to each callback's method
+            learn:object=None, # passed to each callback's method
            ):
     "Call `event` on each callback in `cbs` that defines it, sorted by `order`."
     for cb in sorted(cbs, key=attrgetter('order')):
