@@ -131,7 +131,7 @@ def test_signatures_show_no_link_markup_and_prose_keeps_its_links():
     import docs_procs                                           # importable: tools/docs.py put its folder on sys.path
     procs = FilterDefaults().procs()
     names = [getattr(p, '__name__', '') for p in procs]
-    assert names[-1] == 'unlink_code' and names.index('add_links') < names.index('unlink_code'), names
+    assert names[-2:] == ['unlink_code', 'namedtuple_fields'] and names.index('add_links') < names.index('unlink_code'), names
     url = 'https://diffcourse.github.io/diffcourse/pretrained.html#build_model'
     sig = ('### build_schedule\n\n```python\ndef build_schedule(\n    spec:dict, # see `build_model`\n)->NoiseSchedule:\n```\n\n'
            '*Build what a card describes; the model: `build_model`.*')
@@ -155,3 +155,20 @@ def test_unlink_fenced():
     assert unlink_fenced(src) == ('[`f`](https://x.io/a.html#f) prose\n```python\ndef g(x, # see `f`, `f`\n):\n```\n[`f`](https://x.io/a.html#f)\n'
                                   '~~~~\n`f`\n~~~\nstill in the fence `f`\n~~~~\nout [`f`](https://x.io/a.html#f)\n````\n```\n`f`\n````\n')
     assert unlink_fenced('no fence [`f`](u.html) `g`') == 'no fence [`f`](u.html) `g`'
+
+
+def test_namedtuple_pages_show_their_fields():
+    "show_doc of a NamedTuple shows `(*args, **kwargs)`; settings.ini's namedtuple_fields puts the fields, hints and comments back."
+    from nbdev.showdoc import show_doc
+    from diffcourse.ddpm import SampleOutput, DDPMStepOutput
+    import docs_procs
+    for cls in (SampleOutput, DDPMStepOutput):
+        md = show_doc(cls)._repr_markdown_()
+        assert '*args, **kwargs' in md                                  # what nbdev shows by itself
+        cell = {'outputs': [{'data': {'text/markdown': md.splitlines(keepends=True)}}]}
+        docs_procs.namedtuple_fields(cell)
+        shown = ''.join(cell['outputs'][0]['data']['text/markdown'])
+        assert '*args, **kwargs' not in shown and f'class {cls.__name__}(NamedTuple):' in shown, shown
+        assert all(f'    {f}: torch.Tensor  # ' in shown for f in cls._fields), shown
+    assert '    prev_sample: torch.Tensor  # x_{t-1}' in docs_procs.namedtuple_signature(DDPMStepOutput)
+    assert docs_procs.namedtuple_signature(dict) is None
