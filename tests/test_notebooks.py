@@ -6,7 +6,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'tools'))
-from run_full import STAMP_KEY, module_hash, module_path
+from run_full import STAMP_KEY, module_hash, module_path, is_stale
 
 NBS = sorted(p for p in (ROOT / 'nbs').glob('*.ipynb'))
 
@@ -31,11 +31,7 @@ def stamp(nb) -> dict|None: return nb.get('metadata', {}).get(STAMP_KEY, {}).get
 
 def stale_modules(st:dict) -> list[str]:
     "The modules whose code differs from what the stamped run used (or that no longer exist)."
-    out = []
-    for name, h in st['modules'].items():
-        f = module_path(name)
-        if not f.exists() or module_hash(f) != h: out.append(name)
-    return out
+    return [name for name, h in st['modules'].items() if is_stale(name, h)]
 
 
 @pytest.mark.parametrize('path', NBS, ids=[p.stem for p in NBS])
@@ -134,3 +130,28 @@ def test_restamp_moves_only_what_is_unchanged(tmp_path, monkeypatch):
     st = stamp(json.loads(nb.read_text()))
     assert set(st['modules']) == {'diffcourse.a', 'diffcourse.b'} and stale_modules(st) == ['diffcourse.b']
     assert st['modules']['diffcourse.a'] == module_hash(pkg / 'a.py') != old['diffcourse.a']
+
+
+def test_a_new_definition_is_not_a_change(tmp_path, monkeypatch):
+    "A stamp holds each top-level definition's hash: a module that gains a function or an import stays fresh; one whose used code changes does not."
+    import run_full
+    pkg = tmp_path / 'diffcourse'; pkg.mkdir()
+    monkeypatch.setattr(run_full, 'ROOT', tmp_path)
+    src = "import os\n__all__ = ['f']\nN = 3\ndef f(): return N\nclass C:\n    def g(self): return 1\n"
+    (pkg / 'a.py').write_text(src)
+    st = {'modules': {'diffcourse.a': module_hash(pkg / 'a.py')}}
+    assert set(st['modules']['diffcourse.a']) == {'import os', 'N', 'f', 'C', run_full.OTHER}
+    fresh = [src.replace("['f']", "['f', 'h']") + "import json\ndef h(): return json.dumps(N)\n",     # a new function and import
+             src + "class D(C): pass\n"]
+    stale = [src.replace('N = 3', 'N = 4'), src.replace('return 1', 'return 2'), src.replace('import os', 'import os.path as os'),
+             src + "N += 1\n",                           # a statement that changes an existing name
+             src + "def f(): return 0\n",                # a redefinition
+             src.replace('def f(): return N\n', '')]     # a definition gone
+    for s in fresh:
+        (pkg / 'a.py').write_text(s); assert stale_modules(st) == [], s
+    for s in stale:
+        (pkg / 'a.py').write_text(s); assert stale_modules(st) == ['diffcourse.a'], s
+    (pkg / 'a.py').write_text(src)
+    old = {'modules': {'diffcourse.a': run_full._code_hash(pkg / 'a.py')}}    # an older stamp: one hash of the whole module
+    assert stale_modules(old) == []
+    (pkg / 'a.py').write_text(fresh[0]); assert stale_modules(old) == ['diffcourse.a']

@@ -108,13 +108,15 @@ def test_parametrisation_study_trains_each_target_and_skips_done_runs(tmp_path, 
     "tools/param_study.py: one run per target and seed under a CPU budget, its held-out ε-MSE curve and FID/KID per sampler and steps, kept across reruns."
     out = tmp_path / 'params.json'
     args = ['--targets', 'v,flow', '--seeds', '0', '--minutes', '0.02', '--eval_every', '5', '--n', '200', '--steps', '2',
-            '--n_data', '256', '--n_held', '64', '--channels', '16', '--out', str(out)]
+            '--n_data', '256', '--n_held', '64', '--channels', '16', '--n_paths', '16', '--out', str(out), '--models', str(tmp_path / 'models')]
     _tool('param_study').main(args)
     res = json.loads(out.read_text())
     assert [(r['target'], r['seed']) for r in res['runs']] == [('v', 0), ('flow', 0)]
     v, flow = res['runs']
     for r in res['runs']:
         assert r['cpu_s'] >= 0.02 * 60 and r['curve'][-1][0] == r['steps_done'] and all(c[2] > 0 for c in r['curve'])
+        assert len(r['x0_mse_bands']) == 3 and all(e > 0 for e in r['x0_mse_bands']) and 0 < r['straightness'] <= 1
+    assert sorted(f.name for f in (tmp_path / 'models').iterdir()) == ['flow_seed0.safetensors', 'v_seed0.safetensors']
     assert [(e['sampler'], e['steps']) for e in v['evals']] == [('ddim', 2)]
     assert [(e['sampler'], e['steps']) for e in flow['evals']] == [('euler', 2), ('ddim', 2)] and all(e['fid'] > 0 for e in flow['evals'])
     from safetensors.torch import load_file

@@ -13,7 +13,9 @@ fixed timesteps in [100, 900) of the cosine schedule and fixed noise: every targ
 scored against the 10,000 test images by the shipped classifier (FID, KID) at each of `--steps`
 sampler steps: DDIM ('leading' spacing, unclamped) for ε, x₀ and v, and Euler for the flow model, plus
 the flow model through DDIM (`AsEps`) at the step counts up to 10, and the ε-model's DDIM at
-`--ref_steps` steps, the reference.
+`--ref_steps` steps, the reference. Then the x̂₀-MSE on the held-out latents in the timestep bands [0, 100),
+[100, 900) and [900, 1000), and the straightness of the deterministic sampler's 100-step paths from the
+first `--n_paths` starting noises (Euler for flow, DDIM for the others, in the straight path's coordinates).
 Results are written after every run, and the first `--keep` decoded samples of every evaluation of
 seed `--picture_seed` go to <out>_samples.safetensors (uint8); a rerun skips the runs already in the file.
 """
@@ -25,12 +27,12 @@ import torch
 
 from diffcourse.core import seed_everything
 from diffcourse.data import get_dataloader, load_fashion_mnist
-from diffcourse.flow import TARGETS, TargetLoss, AsEps, ddim_sample_target, flow_sample
+from diffcourse.flow import TARGETS, TargetLoss, AsEps, split_prediction, ddim_sample_target, flow_sample, straightness
 from diffcourse.learner import Learner, Callback, CancelFitException, EMACB
 from diffcourse.latent import load_latents
 from diffcourse.metrics import evaluate
 from diffcourse.pretrained import build_schedule, load as load_pretrained
-from diffcourse.samplers import sample
+from diffcourse.samplers import sample, sampler_timesteps
 from diffcourse.unet import ResUNet, count_params
 
 
@@ -46,6 +48,46 @@ def heldout_eps_mse(model, target, sched, z, seed=0, t_range=(100, 900)):
     out = [torch.nn.functional.mse_loss(m(sched.add_noise(zb, eb, tb), tb), eb, reduction='sum')
            for zb, eb, tb in zip(z.split(500), eps.split(500), t.split(500))]
     return float(sum(out) / eps.numel())
+
+
+BANDS = ((0, 100), (100, 900), (900, 1000))
+
+@torch.no_grad()
+def heldout_x0_mse_bands(model, target, sched, z, seed=1, bands=BANDS, time_scale=1000.):
+    "Per band of timesteps: the MSE of the model's own x̂₀ on held-out latents `z` (noise fixed by `seed`), the error a DDIM step carries."
+    g, res = torch.Generator().manual_seed(seed), []
+    for lo, hi in bands:
+        t = torch.randint(lo, hi, (len(z),), generator=g); eps = torch.randn(z.shape, generator=g)
+        err = 0.
+        for zb, eb, tb in zip(z.split(500), eps.split(500), t.split(500)):
+            ab = sched.alphas_cumprod[tb].view(-1, *[1] * (zb.ndim - 1)).float()
+            a, b = ab.sqrt(), (1 - ab).sqrt()
+            if target == 'flow':                                 # the same signal-to-noise ratio on the straight path, as AsEps asks it
+                s = b / (a + b); xs = (1 - s) * zb + s * eb
+                x0 = split_prediction(model(xs, (s * time_scale).reshape(-1)), xs, 1 - s, s, 'flow')[1]
+            else:
+                xt = a * zb + b * eb
+                x0 = split_prediction(model(xt, tb), xt, a, b, target)[1]
+            err += float(((x0 - zb) ** 2).sum())
+        res.append(err / z.numel())
+    return res
+
+
+@torch.no_grad()
+def path_straightness(model, target, sched, x, steps=100):
+    """Mean straightness of the deterministic sampler's paths from `x`, in the straight path's coordinates x / (a + b):
+    Euler for the flow model, DDIM ('leading') for the others, as chapter 14 draws them on the two moons."""
+    if target == 'flow':
+        pts = [x.clone()]
+        flow_sample(model, x, steps=steps, callback=lambda i, s, xx, x0: pts.append(xx.clone()))
+    else:
+        ts = sampler_timesteps(sched.T, steps, 'leading').tolist()
+        ab = sched.alphas_cumprod
+        scale = lambda t: float(1 / (ab[t].sqrt() + (1 - ab[t]).sqrt())) if t >= 0 else 1.
+        pts = [x * scale(ts[0])]
+        ddim_sample_target(model, sched, x, target=target, steps=steps, spacing='leading',
+                           callback=lambda i, t, xx, x0: pts.append(xx * scale(ts[i + 1] if i + 1 < len(ts) else -1)))
+    return float(straightness(torch.stack(pts)).mean())
 
 
 class BudgetCB(Callback):
@@ -103,6 +145,8 @@ class Study:
         for sampler, steps in specs:
             evals.append(self.quality(m, target, sampler, steps))
             pics[f'{target}_{sampler}{steps}'] = self.last
+        self.extra = {'x0_mse_bands': heldout_x0_mse_bands(m, target, self.sched, self.held),
+                      'straightness': path_straightness(m, target, self.sched, self.noise[:a.n_paths])}
         return evals, pics
 
     def run(self, target, seed):
@@ -114,11 +158,16 @@ class Study:
         learn = Learner(net, dl, TargetLoss(target, self.sched), lr=a.lr, cbs=[EMACB(a.ema), cb])
         learn.fit(steps=10 ** 9)
         m = learn.ema_model.eval()
+        if a.models:
+            from safetensors.torch import save_file
+            Path(a.models).mkdir(parents=True, exist_ok=True)
+            f = Path(a.models) / f'{target}_seed{seed}.safetensors'; tmp = f.with_suffix('.tmp')
+            save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp)); tmp.replace(f)
         t0 = time.time()
         evals, self.pics = self.evaluate_all(m, target)
         losses = learn.metrics.losses
         return {'target': target, 'seed': seed, 'params': count_params(net), 'steps_done': learn.step, 'cpu_s': cb.cpu,
-                'curve': cb.curve, 'final_loss': float(np.mean(losses[-200:])), 'evals': evals, 'eval_wall_s': time.time() - t0}
+                'curve': cb.curve, 'final_loss': float(np.mean(losses[-200:])), 'evals': evals, 'eval_wall_s': time.time() - t0} | self.extra
 
 
 def _save_pictures(f:Path, pics:dict):
@@ -142,11 +191,13 @@ def main(argv=None):
     ap.add_argument('--n_held', type=int, default=2000, help='held-out test latents for the ε-MSE')
     ap.add_argument('--keep', type=int, default=8, help='decoded samples kept per evaluation for the pictures')
     ap.add_argument('--picture_seed', type=int, default=0, help='the seed whose samples are kept')
+    ap.add_argument('--n_paths', type=int, default=256, help='sampler paths (100 steps) whose straightness is measured')
+    ap.add_argument('--models', default=None, help="folder for each run's EMA weights (safetensors); none kept if not given")
     a = ap.parse_args(argv)
     a.steps = [int(s) for s in a.steps.split(',')]
     torch.set_num_threads(a.threads)
     out = Path(a.out)
-    res = json.loads(out.read_text()) if out.exists() else {'settings': {k: v for k, v in vars(a).items() if k not in ('out', 'targets', 'seeds', 'picture_seed', 'keep')}, 'runs': []}
+    res = json.loads(out.read_text()) if out.exists() else {'settings': {k: v for k, v in vars(a).items() if k not in ('out', 'targets', 'seeds', 'picture_seed', 'keep', 'models')}, 'runs': []}
     study = Study(a)
     for seed in [int(s) for s in a.seeds.split(',')]:
         for target in a.targets.split(','):
@@ -159,7 +210,7 @@ def main(argv=None):
             tmp = out.with_suffix(f'.{target}{seed}.tmp'); tmp.write_text(json.dumps(res, indent=1)); tmp.replace(out)
             if seed == a.picture_seed: _save_pictures(out.with_name(out.stem + '_samples.safetensors'), study.pics)
             print(f"{target} seed {seed}: {r['steps_done']} steps, held-out ε-MSE {r['curve'][-1][2]:.4f}, "
-                  + ', '.join(f"{e['sampler']}-{e['steps']} FID {e['fid']:.2f}" for e in r['evals']) + f" | {r['wall_s']:.0f} s", flush=True)
+                  + ', '.join(f"{e['sampler']}-{e['steps']} FID {e['fid']:.2f}" for e in r['evals']) + f", x̂₀-MSE by band {', '.join(f'{v:.3g}' for v in r['x0_mse_bands'])}, straightness {r['straightness']:.3f} | {r['wall_s']:.0f} s", flush=True)
 
 
 if __name__ == '__main__': main()

@@ -6,12 +6,12 @@
 Each notebook is executed top to bottom in its own folder (quick mode off: IN_TEST and
 DIFFCOURSE_QUICK are removed from the environment; DIFFCOURSE_OFFLINE=1 unless --online, so a loader
 whose data is missing shows its offline message rather than a failed download), its outputs are written back, and its metadata
-gets `diffcourse.full_run`: the date, the wall time, torch's version, and a hash of the code of every
-`diffcourse` module the kernel had imported by the end (its syntax tree without docstrings and parameter
-hints, so editing docments, docstrings and hints does not call for re-running chapters; cli.py is hashed
-as text, since its docments and hints make the commands' --help). `tests/test_notebooks.py` recomputes the
-hashes from diffcourse/*.py and fails for a notebook whose stored outputs came from code that has
-changed since. Then `nbdev_clean` tidies the notebook (settings.ini keeps this metadata key).
+gets `diffcourse.full_run`: the date, the wall time, torch's version, and for every `diffcourse` module
+the kernel had imported by the end a hash of each of its top-level definitions (their syntax trees without
+docstrings and parameter hints, so editing docments, docstrings and hints does not call for re-running
+chapters, nor does adding a function; cli.py is hashed whole as text, since its docments and hints make the
+commands' --help). `tests/test_notebooks.py` recomputes the hashes from diffcourse/*.py and fails for a
+notebook whose stored outputs came from code that has changed since. Then `nbdev_clean` tidies the notebook (settings.ini keeps this metadata key).
 """
 from __future__ import annotations
 import argparse, ast, hashlib, json, os, subprocess, sys, time
@@ -41,10 +41,10 @@ def _patched(fn) -> bool:
     return any('patch' in ast.unparse(d) for d in fn.decorator_list)
 
 
-def _code_hash(path:Path) -> str:
-    """sha256 of a module's syntax tree without docstrings and without the hints on function parameters and returns:
-    comments (docments), docstrings, hints and layout do not change what the code computes. Kept: defaults, the fields
-    of dataclasses and NamedTuples (hints in a class body), and the first parameter's hint of a @patch function."""
+def _stripped_tree(path:Path) -> ast.Module:
+    """A module's syntax tree without docstrings and without the hints on function parameters and returns: comments
+    (docments), docstrings, hints and layout do not change what the code computes. Kept: defaults, the fields of
+    dataclasses and NamedTuples (hints in a class body), and the first parameter's hint of a @patch function."""
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
         body = getattr(node, 'body', None)
@@ -57,19 +57,69 @@ def _code_hash(path:Path) -> str:
             for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg]:
                 if arg is not None and arg is not keep: arg.annotation = None
             if not isinstance(node, ast.Lambda): node.returns = None
-    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:16]
+    return tree
 
 
-def module_hash(path:Path) -> str:
-    "What a chapter's stamp records of a module: its code (`_code_hash`), or its text for the modules in `TEXT_HASHED`."
+def _code_hash(path:Path) -> str:
+    "sha256 of a module's whole `_stripped_tree` (the stamps' format before `code_defs`; still read)."
+    return hashlib.sha256(ast.dump(_stripped_tree(path)).encode()).hexdigest()[:16]
+
+
+OTHER = '<statements>'   # every top-level statement that defines no name of its own, hashed together
+
+
+def _def_key(node) -> str|None:
+    "The name a top-level statement defines, or None for one that does not (and falls under `OTHER`)."
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        cls = node.args.args[0].annotation if _patched(node) and node.args.args else None
+        return f'{ast.unparse(cls)}.{node.name}' if cls is not None else node.name
+    if isinstance(node, ast.ClassDef): return node.name
+    if isinstance(node, (ast.Assign, ast.AnnAssign)):
+        ts = node.targets if isinstance(node, ast.Assign) else [node.target]
+        names = [n.id for t in ts for n in ast.walk(t) if isinstance(n, ast.Name)]
+        if names and all(isinstance(t, (ast.Name, ast.Tuple)) for t in ts): return ','.join(names)
+    return None
+
+
+def code_defs(path:Path) -> dict:
+    """{name: hash} of each top-level definition of a module (function, class, assignment, imported name) in its
+    `_stripped_tree`; statements that define nothing are hashed together under `OTHER`, in order, and a name defined
+    twice hashes both definitions. `__all__` is left out. A stamp of these goes stale when a name it used changes or
+    goes away, not when the module gains a new one, which no code that ran could have called."""
+    parts = {OTHER: []}                                   # always stamped, so a statement added later is a change
+    for node in _stripped_tree(path).body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            for a in node.names:
+                src = ast.ImportFrom(module=node.module, names=[a], level=node.level) if isinstance(node, ast.ImportFrom) else ast.Import(names=[a])
+                parts.setdefault('import ' + (a.asname or a.name), []).append(ast.dump(src))
+            continue
+        key = _def_key(node)
+        if key == '__all__': continue
+        parts.setdefault(key or OTHER, []).append(ast.dump(node))
+    return {k: hashlib.sha256('\n'.join(v).encode()).hexdigest()[:16] for k, v in sorted(parts.items())}
+
+
+def module_hash(path:Path) -> str|dict:
+    "What a chapter's stamp records of a module: its definitions (`code_defs`), or its text for the modules in `TEXT_HASHED`."
     name = 'diffcourse.' + path.stem if path.stem != '__init__' else 'diffcourse'
-    return _text_hash(path) if name in TEXT_HASHED else _code_hash(path)
+    return _text_hash(path) if name in TEXT_HASHED else code_defs(path)
+
+
+def is_stale(name:str, stamped:str|dict) -> bool:
+    """Has module `name` changed since a run stamped it as `stamped`? A dict of definitions is stale when one of them
+    changed or is gone; a string (a whole-module hash, as older stamps hold) when the module's hash differs."""
+    f = module_path(name)
+    if not f.exists(): return True
+    if isinstance(stamped, dict):
+        now = module_hash(f)
+        return not isinstance(now, dict) or any(now.get(k) != h for k, h in stamped.items())
+    return stamped not in (_text_hash(f), _code_hash(f))
 
 
 def restamp(nb_path:Path) -> list[str]:
-    """Move a chapter's stamp from text hashes (stamps before `_code_hash`) to `module_hash`, without running it.
+    """Move a chapter's stamp from whole-module hashes (older stamps: text, then code) to `module_hash`, without running it.
 
-    A module is moved only where its text is still what the run used; one that changed since stays stale."""
+    A module is moved only where its code is still what the run used; one that changed since stays stale."""
     nb = json.loads(nb_path.read_text())
     st = nb.get('metadata', {}).get(STAMP_KEY, {}).get('full_run')
     if not st: return []
@@ -77,7 +127,7 @@ def restamp(nb_path:Path) -> list[str]:
     for m, h in st['modules'].items():
         if m in UNSTAMPED: moved.append(m); continue
         f = module_path(m)
-        if f.exists() and h == _text_hash(f) and h != module_hash(f): mods[m] = module_hash(f); moved.append(m)
+        if f.exists() and isinstance(h, str) and not is_stale(m, h) and h != module_hash(f): mods[m] = module_hash(f); moved.append(m)
         else: mods[m] = h
     st['modules'] = mods
     nb_path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n')
