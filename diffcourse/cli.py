@@ -6,6 +6,7 @@
 from __future__ import annotations
 import os, io, sys, json, math, time, shlex, inspect
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -69,13 +70,23 @@ def model_spec(model:str='resattn', # one of `MODELS`
         spec['kwargs'] = {k: list(v) if isinstance(v, tuple) else v for k, v in m.config.items()}
     return spec
 
-def load_images(dataset:str='fmnist', # one of `DATASETS`
+def _check_dataset(dataset) -> Path|None:
+    "The folder of a 'folder:PATH' dataset (checked to exist), None for a named set; a ValueError for anything else."
+    if isinstance(dataset, str) and dataset.startswith('folder:'):
+        f = Path(dataset[len('folder:'):]).expanduser()
+        if not dataset[len('folder:'):]: raise ValueError("dataset folder: needs a path, e.g. folder:~/pictures")
+        if not f.is_dir(): raise ValueError(f"dataset {dataset!r}: {str(f)!r} is not a folder; give folder:PATH with PATH a folder of images")
+        return f.resolve()
+    _choice('dataset', dataset, (*DATASETS, 'folder:PATH'))
+
+def load_images(dataset:str='fmnist', # one of `DATASETS`, or 'folder:PATH' for a folder of your own images (`data.load_image_folder`)
                 n:int|None=None, # a fixed random subset of this many images (None: all)
-                size:int|None=None, # pad the 28x28 sets to this size (None: 28 for the grey sets, 32 for the colour ones)
+                size:int|None=None, # pad the 28x28 sets to this size, or resize a folder's images to it (None: 28 for the grey sets, 32 for the colour ones and folders)
                ):
     "The training images of `dataset` as an `ImageData` in [-1, 1]."
     from diffcourse import data
-    _choice('dataset', dataset, DATASETS)
+    folder = _check_dataset(dataset)
+    if folder is not None: return data.load_image_folder(folder, size=size or 32, n=n, progress=False)
     if dataset == 'fmnist': d = data.load_fashion_mnist('train', n=n)
     elif dataset == 'mnist': d = data.load_mnist('train', n=n)
     elif dataset == 'emoji': d = data.load_emoji(32, n=n)
@@ -92,7 +103,8 @@ class TimeBudgetCB(Callback):
                  ckpt_path='checkpoints', # where checkpoints go
                  keep:int|None=2, # checkpoints to keep
                  lr_by_time:bool=False, # warm-up then cosine decay of the LR over `minutes`
-                 warmup:float=0.02, final:float=0.05, # the schedule's warm-up fraction and final multiplier
+                 warmup:float=0.02, # with lr_by_time: the fraction of `minutes` spent warming up
+                 final:float=0.05, # with lr_by_time: the LR at the end, as a fraction of the peak
                  log_every:float|None=None, # print a progress line this many seconds apart (None: never)
                 ):
         if lr_by_time and not minutes: raise ValueError("lr_by_time needs minutes")
@@ -134,13 +146,13 @@ class TimeBudgetCB(Callback):
 class SampleGridCB(Callback):
     "Draw `n` samples with the EMA (or raw) weights into a PNG grid at the end of the fit (and when `TimeBudgetCB` saves)."
     order = 95
-    def __init__(self, path, # the PNG to write
+    def __init__(self, path:str|Path, # the PNG to write
                  schedule:NoiseSchedule, # the forward process
                  image_shape:tuple, # (C, H, W)
                  n:int=16, # images in the grid
                  steps:int|None=100, # DDPM steps (None: all T)
                  seed:int=0, # seeds the samples, so grids of one run compare
-                 decode=None, # a latent model's decoder, such as a shipped VAE's decode method: samples are latents of `image_shape`, unclamped, decoded for the grid
+                 decode:Callable|None=None, # a latent model's decoder, such as a shipped VAE's decode method: samples are latents of `image_shape`, unclamped, decoded for the grid
                 ):
         self.path, self.schedule, self.image_shape, self.n, self.steps, self.seed = Path(path), schedule, tuple(image_shape), n, steps, seed
         self.decode = decode
@@ -204,7 +216,7 @@ def _command(prog:str, args:dict, defaults:dict) -> str:
 
 # %% ../nbs/16_cli.ipynb #671645a0
 def train_command(model:str='resattn', # the UNet: one of `MODELS` (conv, res, resattn)
-                  dataset:str='fmnist', # the images: one of `DATASETS` (fmnist, mnist, emoji, cifar10)
+                  dataset:str='fmnist', # the images: one of `DATASETS` (fmnist, mnist, emoji, cifar10), or folder:PATH for a folder of your own
                   steps:int|None=None, # optimizer steps (give this or `minutes`)
                   minutes:float|None=None, # or: train for this much wall time
                   out:str='runs/ddpm', # folder for checkpoints and samples.png
@@ -218,7 +230,7 @@ def train_command(model:str='resattn', # the UNet: one of `MODELS` (conv, res, r
                   ckpt_minutes:float|None=None, # and/or every this many minutes
                   channels:str|None=None, # UNet widths per level, e.g. '32,64,128' (default: the class's)
                   model_kwargs:str|None=None, # more UNet arguments as JSON, e.g. '{"num_res": 2}'
-                  size:int|None=None, # pad images to this size (default: 28 for grey sets, 32 for colour)
+                  size:int|None=None, # pad images to this size, or resize a folder's to it (default: 28 for grey sets, 32 for colour and folders)
                   n_data:int|None=None, # train on a fixed subset of this many images
                   threads:int|None=None, # torch CPU threads (None: torch's default)
                   device:str|None=None, # cpu, cuda, mps (None: the best available)
@@ -230,7 +242,9 @@ def train_command(model:str='resattn', # the UNet: one of `MODELS` (conv, res, r
                  ) -> dict:
     "Train a UNet with the DDPM objective (on a shipped VAE's latents with `vae`); write checkpoints and a sample grid into `out`. Returns a summary."
     args = dict(locals())
-    _choice('model', model, tuple(MODELS)); _choice('dataset', dataset, DATASETS)
+    _choice('model', model, tuple(MODELS))
+    folder = _check_dataset(dataset)
+    if folder is not None: dataset = args['dataset'] = f'folder:{folder}'     # on record as an absolute path
     _choice('schedule', schedule, ('linear', 'cosine', 'sigmoid'))
     if (steps is None) == (minutes is None): raise ValueError(f"give exactly one of steps and minutes; got steps={steps!r}, minutes={minutes!r}")
     _count('steps', steps, none_ok=True); _positive('minutes', minutes, none_ok=True); _positive('lr', lr)
@@ -391,7 +405,7 @@ def _command_line(f):
 
 @_command_line
 def diffcourse_train(model:str='resattn', # the UNet: conv, res or resattn
-                     dataset:str='fmnist', # fmnist, mnist, emoji or cifar10
+                     dataset:str='fmnist', # fmnist, mnist, emoji, cifar10, or folder:PATH (a folder of your own images)
                      steps:int=None, # optimizer steps (give this or --minutes)
                      minutes:float=None, # or: train for this much wall time
                      out:str='runs/ddpm', # folder for checkpoints and samples.png
@@ -405,7 +419,7 @@ def diffcourse_train(model:str='resattn', # the UNet: conv, res or resattn
                      ckpt_minutes:float=None, # and/or every this many minutes
                      channels:str=None, # UNet widths per level, e.g. 32,64,128
                      model_kwargs:str=None, # more UNet arguments as JSON
-                     size:int=None, # pad images to this size
+                     size:int=None, # pad images to this size, or resize a folder's images to it
                      n_data:int=None, # train on a subset of this many images
                      threads:int=None, # torch CPU threads
                      device:str=None, # cpu, cuda or mps
