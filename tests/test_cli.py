@@ -10,7 +10,7 @@ def run_cli(*args):
 
 @pytest.mark.parametrize('args, msg', [
     (['train', '--model', 'unet9', '--steps', '1'], "model must be one of conv, res, resattn; got 'unet9'"),
-    (['train', '--dataset', 'imagenet', '--steps', '1'], "dataset must be one of fmnist, mnist, emoji, cifar10; got 'imagenet'"),
+    (['train', '--dataset', 'imagenet', '--steps', '1'], "dataset must be one of fmnist, mnist, emoji, cifar10, folder:PATH; got 'imagenet'"),
     (['train', '--steps', '1', '--channels', '16,abc'], "channels must be comma-separated widths"),
     (['train', '--steps', '1', '--model_kwargs', '{"num_res": 0}'], "cannot be built"),
     (['train'], "give exactly one of steps and minutes"),
